@@ -1,0 +1,19 @@
+"""timm-backbone: any timm model, and native Swin and ResNet, as a backbone for dense prediction."""
+
+from .backbone import BackboneMixin, BackboneOutput, align_stage_selection
+from .configuration import PretrainedConfig
+from .modeling import LoadReport, PreTrainedModel
+from .models.timm_backbone import TimmBackbone, TimmBackboneConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackboneMixin",
+    "BackboneOutput",
+    "LoadReport",
+    "PreTrainedModel",
+    "PretrainedConfig",
+    "TimmBackbone",
+    "TimmBackboneConfig",
+    "align_stage_selection",
+]

@@ -1,0 +1,203 @@
+"""The stage contract shared by every backbone: stage selection, output container and input checks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+
+def _as_list(value: Any, name: str) -> list | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, int)):
+        return [value]
+    if isinstance(value, (list, tuple, range)):
+        return list(value)
+    raise TypeError(f"{name} must be a list or tuple, got {type(value).__name__}")
+
+
+def align_stage_selection(
+    out_features: Sequence[str] | None,
+    out_indices: Sequence[int] | None,
+    stage_names: Sequence[str],
+) -> tuple[list[str], list[int]]:
+    """Validate a stage selection and return it as aligned ``(out_features, out_indices)``.
+
+    Either argument may be given; both given must name the same stages; neither selects the last stage. Negative
+    indices count from the end and come back non-negative.
+
+    Args:
+        out_features: Stage names to output, in stage order.
+        out_indices: Stage indices to output, in stage order.
+        stage_names: Every stage of the backbone, in order.
+
+    Raises:
+        ValueError: An index out of range, an unknown name, duplicates, entries out of stage order, or
+            ``out_features`` and ``out_indices`` that disagree. The message names the valid choices.
+        TypeError: A selection that is not a list/tuple of ints or strings.
+    """
+    stage_names = list(stage_names)
+    num_stages = len(stage_names)
+    if num_stages == 0:
+        raise ValueError("the backbone has no stages to select from")
+    features = _as_list(out_features, "out_features")
+    indices = _as_list(out_indices, "out_indices")
+    choices = ", ".join(f"{i}: {name!r}" for i, name in enumerate(stage_names))
+
+    if indices is not None:
+        if not indices:
+            raise ValueError(f"out_indices must not be empty; valid stages are {{{choices}}}")
+        normalised = []
+        for idx in indices:
+            if isinstance(idx, bool) or not isinstance(idx, int):
+                raise TypeError(f"out_indices must contain ints, got {idx!r} ({type(idx).__name__})")
+            if not -num_stages <= idx < num_stages:
+                raise ValueError(
+                    f"out_indices entry {idx} is out of range for {num_stages} stages; valid indices are "
+                    f"{-num_stages}..{num_stages - 1} ({{{choices}}})"
+                )
+            normalised.append(idx + num_stages if idx < 0 else idx)
+        _check_unique_and_ordered(normalised, [stage_names[i] for i in normalised], "out_indices", indices, choices)
+    if features is not None:
+        if not features:
+            raise ValueError(f"out_features must not be empty; valid stages are {stage_names}")
+        for name in features:
+            if not isinstance(name, str):
+                raise TypeError(f"out_features must contain stage names (str), got {name!r}")
+            if name not in stage_names:
+                raise ValueError(f"unknown stage {name!r} in out_features; valid stage names are {stage_names}")
+        from_names = [stage_names.index(name) for name in features]
+        _check_unique_and_ordered(from_names, features, "out_features", features, choices)
+
+    if indices is None and features is None:
+        return [stage_names[-1]], [num_stages - 1]
+    if indices is None:
+        return list(features), from_names
+    if features is not None and from_names != normalised:
+        raise ValueError(
+            f"out_features {features} and out_indices {indices} select different stages "
+            f"({[stage_names[i] for i in normalised]}); give one of them, or both naming the same stages"
+        )
+    return [stage_names[i] for i in normalised], normalised
+
+
+def _check_unique_and_ordered(positions: list[int], names: list[str], arg: str, given: list, choices: str) -> None:
+    if len(set(positions)) != len(positions):
+        raise ValueError(f"{arg} {given} selects a stage more than once ({names}); valid stages are {{{choices}}}")
+    if positions != sorted(positions):
+        raise ValueError(
+            f"{arg} {given} must follow stage order (expected {[v for _, v in sorted(zip(positions, given))]}); "
+            f"valid stages are {{{choices}}}"
+        )
+
+
+class ModelOutput:
+    """Base for output dataclasses: attribute access, ``out[i]`` / ``out["name"]`` and ``to_tuple()``.
+
+    Like transformers' outputs, fields that are ``None`` are left out of the tuple view.
+    """
+
+    def to_tuple(self) -> tuple:
+        return tuple(v for v in (getattr(self, f.name) for f in fields(self)) if v is not None)
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(k, getattr(self, k)) for k in self.keys()]
+
+    def __getitem__(self, key: int | slice | str) -> Any:
+        if isinstance(key, str):
+            if key not in self.keys():
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self.to_tuple())
+
+    def __len__(self) -> int:
+        return len(self.to_tuple())
+
+
+@dataclass
+class BackboneOutput(ModelOutput):
+    """Multi-scale outputs of a backbone.
+
+    Attributes:
+        feature_maps: One NCHW tensor per selected stage, in stage order.
+        hidden_states: NCHW output of every stage, when requested.
+        attentions: Attention weights per block, when requested and supported.
+    """
+
+    feature_maps: tuple[torch.Tensor, ...] = ()
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+class BackboneMixin:
+    """Stage bookkeeping shared by every backbone.
+
+    The model sets ``stage_names``, ``num_features`` (channels of every stage) and ``stage_strides`` in its
+    constructor; the selection itself lives on ``config`` so that a saved config reloads to the same outputs.
+    """
+
+    stage_names: list[str]
+    num_features: list[int]
+    stage_strides: list[int]
+    has_attentions: bool = False
+
+    @property
+    def out_features(self) -> list[str]:
+        return self.config.out_features
+
+    @property
+    def out_indices(self) -> list[int]:
+        return self.config.out_indices
+
+    @property
+    def out_feature_channels(self) -> dict[str, int]:
+        return dict(zip(self.stage_names, self.num_features))
+
+    @property
+    def channels(self) -> list[int]:
+        return [self.num_features[i] for i in self.out_indices]
+
+    @property
+    def strides(self) -> list[int]:
+        return [self.stage_strides[i] for i in self.out_indices]
+
+    @property
+    def reductions(self) -> list[int]:
+        return self.strides
+
+    def output_shape(self) -> dict[str, dict[str, int]]:
+        """Channels and stride of each selected stage, as detectron2's ``Backbone.output_shape()``."""
+        return {
+            name: {"channels": self.num_features[i], "stride": self.stage_strides[i]}
+            for name, i in zip(self.out_features, self.out_indices)
+        }
+
+    def check_pixel_values(self, pixel_values: Any) -> None:
+        """Raise a clear error for input that is not a float NCHW batch with the expected channels."""
+        expected = self.config.num_channels
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+        if pixel_values.dim() != 4:
+            raise ValueError(
+                f"pixel_values must be a 4-D batch (batch, channels, height, width), got shape "
+                f"{tuple(pixel_values.shape)}; add a batch dimension with pixel_values[None] for one image"
+            )
+        if not pixel_values.is_floating_point():
+            raise TypeError(
+                f"pixel_values must be a floating point tensor, got {pixel_values.dtype}; convert with "
+                f".float() (and normalise) or use the image processor"
+            )
+        if pixel_values.shape[1] != expected:
+            raise ValueError(
+                f"pixel_values has {pixel_values.shape[1]} channels but the backbone expects {expected} "
+                f"(shape {tuple(pixel_values.shape)}; channels come second, NCHW)"
+            )

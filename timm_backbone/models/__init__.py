@@ -1,0 +1,1 @@
+"""Model families: the timm wrapper and the native implementations."""

@@ -1,0 +1,390 @@
+"""Any timm model as a backbone, through timm's public feature API (``features_only`` / ``forward_intermediates``)."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Any
+
+import torch
+from timm.models._features import FeatureGetterNet
+from torch import nn
+
+from ..backbone import BackboneMixin, BackboneOutput
+from ..configuration import BackboneConfigMixin, PretrainedConfig, pop_hub_kwargs
+from ..hub import CONFIG_NAME, is_offline, load_weights, looks_like_repo_id, read_json, resolve_file, resolve_weights
+from ..modeling import PreTrainedModel
+
+# keys of config.json that describe the config itself, never arguments for timm.create_model
+_CONFIG_KEYS = {
+    "architectures",
+    "id2label",
+    "label2id",
+    "num_labels",
+    "model_type",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "return_dict",
+    "output_hidden_states",
+    "output_attentions",
+    "use_return_dict",
+    "problem_type",
+    "is_encoder_decoder",
+    "tie_word_embeddings",
+    "chunk_size_feed_forward",
+    "use_timm_backbone",
+    "stage_names",
+    "_name_or_path",
+    "name_or_path",
+    "model_args",
+    "pretrained_cfg",
+    "use_bfloat16",
+    "torchscript",
+}
+
+
+class TimmBackboneConfig(BackboneConfigMixin, PretrainedConfig):
+    """Config of :class:`TimmBackbone`; ``config.json``-compatible with transformers' ``timm_backbone``.
+
+    Args:
+        backbone: A timm model name, with or without a pretrained tag (``resnet50``, ``resnet50.a1_in1k``), or
+            ``hf-hub:org/name``.
+        num_channels: Input channels (timm's ``in_chans``).
+        features_only: Build timm's feature extractor (the default); ``False`` builds the whole model and reads
+            its stages through ``forward_intermediates``.
+        use_pretrained_backbone: Kept for compatibility; the constructor never downloads. Pretrained weights come
+            from :meth:`TimmBackbone.from_pretrained`.
+        out_indices: Stages to output (timm feature indices); negative values count from the end.
+        out_features: Stages to output by timm module name (``layer1``); either this or ``out_indices``.
+        freeze_batch_norm_2d: Replace BatchNorm layers with frozen ones (detection fine-tuning).
+        output_stride: Dilate the last stages for this total stride (8, 16), where the model supports it.
+        model_args: Further keyword arguments for ``timm.create_model`` (``img_size``, ``drop_path_rate``...).
+        **kwargs: Keyword arguments that are not config fields are added to ``model_args``.
+    """
+
+    model_type = "timm_backbone"
+
+    def __init__(
+        self,
+        backbone: str | None = None,
+        num_channels: int = 3,
+        features_only: bool = True,
+        use_pretrained_backbone: bool = True,
+        out_indices: list[int] | tuple[int, ...] | None = None,
+        out_features: list[str] | None = None,
+        freeze_batch_norm_2d: bool = False,
+        output_stride: int | None = None,
+        model_args: dict[str, Any] | None = None,
+        stage_names: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if backbone is not None and not isinstance(backbone, str):
+            raise TypeError(f"backbone must be a timm model name (str), got {type(backbone).__name__}")
+        model_args = dict(model_args or {})
+        for key in list(kwargs):
+            if key not in _CONFIG_KEYS and not key.startswith("_"):
+                model_args[key] = kwargs.pop(key)
+        super().__init__(**kwargs)
+        self.backbone = backbone
+        self.num_channels = num_channels
+        self.features_only = features_only
+        self.use_pretrained_backbone = use_pretrained_backbone
+        self.freeze_batch_norm_2d = freeze_batch_norm_2d
+        self.output_stride = output_stride
+        self.model_args = model_args
+        self.stage_names = list(stage_names) if stage_names is not None else None
+        self._init_stage_selection(out_features, out_indices)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **overrides: Any) -> TimmBackboneConfig:
+        # unknown keys read from a file stay plain attributes; only explicit overrides reach timm
+        config_dict = dict(config_dict)
+        if overrides.get("out_indices") is not None or overrides.get("out_features") is not None:
+            config_dict.pop("out_indices", None)
+            config_dict.pop("out_features", None)
+        extra = {k: config_dict.pop(k) for k in list(config_dict) if k not in _INIT_KEYS and k not in _CONFIG_KEYS}
+        config = super().from_dict(config_dict, **overrides)
+        for key, value in extra.items():
+            setattr(config, key, value)
+        return config
+
+
+_INIT_KEYS = {
+    "backbone",
+    "num_channels",
+    "features_only",
+    "use_pretrained_backbone",
+    "out_indices",
+    "out_features",
+    "freeze_batch_norm_2d",
+    "output_stride",
+    "model_args",
+    "stage_names",
+}
+
+
+def _split_name(backbone: str) -> tuple[str, str | None]:
+    """``resnet50.a1_in1k`` -> (``resnet50``, ``a1_in1k``)."""
+    arch, _, tag = backbone.partition(".")
+    return arch, tag or None
+
+
+def check_timm_name(backbone: str) -> None:
+    """Raise ``ValueError`` with close matches when ``backbone`` is not a timm architecture."""
+    import timm
+
+    arch, _ = _split_name(backbone)
+    if timm.is_model(arch):
+        return
+    close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+    hint = f"; close matches: {', '.join(close)}" if close else "; see timm.list_models() for the names"
+    raise ValueError(f"unknown timm model {backbone!r}{hint}")
+
+
+def _hub_repo_config(repo: str, **hub_kwargs: Any) -> dict[str, Any]:
+    path = resolve_file(repo, CONFIG_NAME, **hub_kwargs)
+    if path is None:
+        raise OSError(f"timm hub repo {repo!r} has no {CONFIG_NAME}")
+    return read_json(path)
+
+
+def _create_args(config: TimmBackboneConfig) -> tuple[str, dict[str, Any]]:
+    """The architecture and keyword arguments for ``timm.create_model`` described by ``config``."""
+    if not config.backbone:
+        raise ValueError("TimmBackboneConfig needs a backbone: a timm model name such as 'resnet50'")
+    kwargs = dict(config.model_args)
+    if config.backbone.startswith("hf-hub:"):
+        # the architecture is named by the repo's config.json, read from the cache when offline
+        repo_config = _hub_repo_config(config.backbone[len("hf-hub:") :])
+        arch = repo_config.get("architecture")
+        if not arch:
+            raise OSError(f"{config.backbone}: config.json names no 'architecture'; it is not a timm repo")
+        kwargs = {**repo_config.get("model_args", {}), **kwargs}
+    else:
+        check_timm_name(config.backbone)
+        arch = config.backbone
+    kwargs["in_chans"] = config.num_channels
+    if config.output_stride is not None:
+        kwargs["output_stride"] = config.output_stride
+    return arch, kwargs
+
+
+def _feature_net(arch: str, kwargs: dict[str, Any], features_only: bool, out_indices: tuple[int, ...]) -> nn.Module:
+    import timm
+
+    if features_only:
+        try:
+            return timm.create_model(arch, features_only=True, out_indices=out_indices, **kwargs)
+        except (RuntimeError, AssertionError, TypeError, AttributeError, KeyError) as err:
+            raise ValueError(
+                f"timm model {arch!r} cannot be built as a feature extractor (features_only) with {kwargs}: {err}"
+            ) from err
+    model = timm.create_model(arch, **kwargs)
+    if not hasattr(model, "forward_intermediates"):
+        raise ValueError(f"timm model {arch!r} has no forward_intermediates; use features_only=True")
+    return model
+
+
+def _stage_info(arch: str, kwargs: dict[str, Any], features_only: bool) -> list[dict[str, Any]]:
+    """Every feature stage of the model (timm's ``feature_info``), read from a copy built on the meta device."""
+    with torch.device("meta"):
+        probe = _feature_net(arch, kwargs, features_only, out_indices=(-1,)) if features_only else None
+        if probe is None:
+            import timm
+
+            probe = timm.create_model(arch, **kwargs)
+    info = probe.feature_info
+    info = info.info if hasattr(info, "info") else info
+    return [dict(d) for d in info]
+
+
+class TimmBackbone(BackboneMixin, PreTrainedModel):
+    """A timm model behind the backbone API: ``feature_maps`` NCHW, stages named as timm's ``feature_info``.
+
+    Only the stages up to the deepest selected one are built and run.
+    """
+
+    config_class = TimmBackboneConfig
+    checkpoint_prefixes = ("_backbone.",)
+
+    def __init__(self, config: TimmBackboneConfig, *, timm_state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Build the backbone with random weights, or around ``timm_state_dict`` (a timm-format checkpoint, adapted
+        by timm's own filters: classifier dropped, ``in_chans`` and position embeddings resized)."""
+        super().__init__(config)
+        arch, create_kwargs = _create_args(config)
+        info = _stage_info(arch, create_kwargs, config.features_only)
+        stage_names = [d["module"] for d in info]
+        if config.stage_names is not None and config.stage_names != stage_names:
+            raise ValueError(
+                f"config.stage_names {config.stage_names} do not match the stages of timm model {arch!r} "
+                f"({stage_names}); the config was saved for another model or timm version"
+            )
+        config.stage_names = stage_names
+        config.set_output_features_output_indices(config.out_features, config.out_indices)
+        self.stage_names = stage_names
+        self.num_features = [d["num_chs"] for d in info]
+        self.stage_strides = [d["reduction"] for d in info]
+        self._held = tuple(range(max(config.out_indices) + 1))
+        if timm_state_dict is not None:
+            overlay = {"state_dict": timm_state_dict, "source": "", "hf_hub_id": None, "url": None, "file": None}
+            create_kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
+        self._backbone = _feature_net(arch, create_kwargs, config.features_only, self._held)
+        if config.freeze_batch_norm_2d:
+            from timm.layers import freeze_batch_norm_2d
+
+            self._backbone = freeze_batch_norm_2d(self._backbone)
+        self._nhwc = str(getattr(self._backbone, "output_fmt", "NCHW")).endswith("NHWC")
+        # feature nets that wrap forward_intermediates can compute just the selected stages
+        self._getter = self._backbone.model if isinstance(self._backbone, FeatureGetterNet) else None
+        if not config.features_only:
+            self._getter = self._backbone
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BackboneOutput | tuple:
+        """Run the backbone.
+
+        Args:
+            pixel_values: Float images, ``(batch, num_channels, height, width)``.
+            output_hidden_states: Also return every held stage (all stages up to the deepest selected one).
+            output_attentions: Not available for timm models; ``True`` raises ``ValueError``.
+            return_dict: ``False`` returns a tuple instead of :class:`BackboneOutput`.
+        """
+        if output_attentions:
+            raise ValueError("timm backbones cannot return attentions; use a native backbone (SwinBackbone)")
+        self.check_pixel_values(pixel_values)
+        wanted = self._held if output_hidden_states else tuple(self.out_indices)
+        if self._getter is not None:
+            features = self._getter.forward_intermediates(
+                pixel_values,
+                indices=list(wanted),
+                norm=getattr(self._backbone, "norm", False),
+                output_fmt="NCHW",
+                intermediates_only=True,
+            )
+            by_stage = dict(zip(wanted, features))
+        else:
+            features = self._backbone(pixel_values)
+            if isinstance(features, dict):
+                features = list(features.values())
+            by_stage = dict(zip(self._held, features))
+        if self._nhwc:
+            by_stage = {i: f.permute(0, 3, 1, 2) for i, f in by_stage.items()}
+        feature_maps = tuple(by_stage[i] for i in self.out_indices)
+        hidden_states = tuple(by_stage[i] for i in self._held) if output_hidden_states else None
+        output = BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states)
+        return output if return_dict is not False else output.to_tuple()
+
+    # loading ------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls, src: str | os.PathLike, *, config: TimmBackboneConfig | None = None, strict: bool = False, **kwargs: Any
+    ) -> TimmBackbone:
+        """Load a backbone with weights.
+
+        Args:
+            src: A folder saved by this package (or transformers' ``TimmBackbone``); a timm hub repo (a folder or hub
+                id whose ``config.json`` names an ``architecture``); a timm name with or without tag
+                (``resnet50.a1_in1k``) or ``hf-hub:org/name``, whose weights come from the hub or its cache; or a
+                weights file (``.safetensors``, ``.bin``, ``.pth``) with ``backbone=`` naming the architecture.
+            config: Use this config instead of the one the source implies.
+            strict: Raise on missing or unexpected keys.
+            **kwargs: Hub arguments (``revision``, ``cache_dir``, ``token``, ``local_files_only``) and config
+                fields (``out_indices``, ``out_features``, ``features_only``...).
+
+        Raises:
+            OSError: the source is not found, or its weights are neither local nor reachable.
+            ValueError: an unknown timm name (with close matches).
+        """
+        src = os.fspath(src)
+        hub_kwargs = pop_hub_kwargs(kwargs)
+        if os.path.isfile(src):
+            return cls._from_weights_file(src, config, strict, kwargs)
+        if src.startswith("hf-hub:"):
+            return cls._from_timm_repo(src[len("hf-hub:") :], config, kwargs, hub_kwargs)
+        if os.path.isdir(src) or ("/" in src and looks_like_repo_id(src)):
+            file_config = _hub_repo_config(src, **hub_kwargs)
+            if "architecture" in file_config and file_config.get("model_type") != "timm_backbone":
+                return cls._from_timm_repo(src, config, kwargs, hub_kwargs, file_config)
+            return super().from_pretrained(src, config=config, strict=strict, **hub_kwargs, **kwargs)
+        check_timm_name(src)
+        return cls._from_timm_name(src, config, kwargs, hub_kwargs)
+
+    @classmethod
+    def _with_state_dict(cls, config: TimmBackboneConfig, state_dict: dict[str, torch.Tensor]) -> TimmBackbone:
+        return cls(config, timm_state_dict=state_dict).eval()
+
+    @classmethod
+    def _from_weights_file(
+        cls, path: str, config: TimmBackboneConfig | None, strict: bool, kwargs: dict[str, Any]
+    ) -> TimmBackbone:
+        config = config or TimmBackboneConfig(**kwargs)
+        if not config.backbone:
+            raise ValueError(f"loading the weights file {path} needs backbone='<timm name>' (or a config)")
+        state_dict = load_weights(path)
+        if any(k.startswith("_backbone.") for k in state_dict):
+            model = cls(config)
+            model.load_checkpoint(state_dict, strict=strict, source=path)
+            return model.eval()
+        return cls._with_state_dict(config, state_dict)
+
+    @classmethod
+    def _from_timm_repo(
+        cls,
+        repo: str,
+        config: TimmBackboneConfig | None,
+        kwargs: dict[str, Any],
+        hub_kwargs: dict[str, Any],
+        repo_config: dict[str, Any] | None = None,
+    ) -> TimmBackbone:
+        repo_config = repo_config or _hub_repo_config(repo, **hub_kwargs)
+        arch = repo_config.get("architecture")
+        if not arch:
+            raise OSError(f"{repo}: config.json names no 'architecture'; it is not a timm model repo")
+        check_timm_name(arch)
+        if config is None:
+            model_args = {**repo_config.get("model_args", {}), **kwargs.pop("model_args", {})}
+            config = TimmBackboneConfig(backbone=arch, model_args=model_args, **kwargs)
+        weights = resolve_weights(repo, **hub_kwargs)
+        if weights is None:
+            raise OSError(f"timm repo {repo!r} has no weights (model.safetensors or pytorch_model.bin)")
+        return cls._with_state_dict(config, load_weights(weights, src=repo, **hub_kwargs))
+
+    @classmethod
+    def _from_timm_name(
+        cls, name: str, config: TimmBackboneConfig | None, kwargs: dict[str, Any], hub_kwargs: dict[str, Any]
+    ) -> TimmBackbone:
+        import timm
+
+        config = config or TimmBackboneConfig(backbone=name, **kwargs)
+        if not config.use_pretrained_backbone:
+            return cls(config).eval()
+        pretrained_cfg = timm.models.get_pretrained_cfg(name)
+        if pretrained_cfg is None:
+            raise ValueError(f"timm has no pretrained weights registered for {name!r}")
+        hub_id = pretrained_cfg.hf_hub_id
+        if not hub_id:
+            raise OSError(
+                f"timm's weights for {name!r} are not on the hub (url: {pretrained_cfg.url}); download "
+                f"them and pass the file to from_pretrained with backbone={name!r}"
+            )
+        try:
+            weights = resolve_weights(hub_id, **hub_kwargs)
+        except OSError as err:
+            offline = (
+                " (hub access is off: HF_HUB_OFFLINE or local_files_only)"
+                if is_offline(hub_kwargs.get("local_files_only", False))
+                else ""
+            )
+            raise OSError(
+                f"pretrained weights for timm model {name!r} ({hub_id}) are neither in the local cache "
+                f"nor reachable{offline}: {err}"
+            ) from err
+        if weights is None:
+            raise OSError(f"hub repo {hub_id} has no weight file for {name!r}")
+        return cls._with_state_dict(config, load_weights(weights, src=hub_id, **hub_kwargs))
