@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 
 
 def _as_list(value: Any, name: str) -> list | None:
@@ -94,11 +96,30 @@ def _check_unique_and_ordered(positions: list[int], names: list[str], arg: str, 
         )
 
 
+def _flatten_output(output: ModelOutput) -> tuple[list[Any], list[str]]:
+    names = [f.name for f in fields(output)]
+    return [getattr(output, name) for name in names], names
+
+
+def _unflatten_output(cls: type, values: Iterable[Any], names: list[str]) -> ModelOutput:
+    return cls(**dict(zip(names, values)))
+
+
 class ModelOutput:
     """Base for output dataclasses: attribute access, ``out[i]`` / ``out["name"]`` and ``to_tuple()``.
 
-    Like transformers' outputs, fields that are ``None`` are left out of the tuple view.
+    Like transformers' outputs, fields that are ``None`` are left out of the tuple view. Subclasses are registered
+    as pytree nodes, so ``torch.export``, ONNX export and ``torch.compile`` can return them.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        pytree.register_pytree_node(
+            cls,
+            _flatten_output,
+            functools.partial(_unflatten_output, cls),
+            serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
+        )
 
     def to_tuple(self) -> tuple:
         return tuple(v for v in (getattr(self, f.name) for f in fields(self)) if v is not None)
