@@ -127,6 +127,9 @@ class PretrainedConfig:
                 f"this config.json has model_type {model_type!r}, but {cls.__name__} reads {cls.model_type!r}; "
                 f"use AutoConfig, or the config class for {model_type!r}"
             )
+        if any(overrides.get(k) is not None for k in ("out_indices", "out_features")):
+            # a new selection replaces the file's whole selection (it saves both forms, which would disagree)
+            config_dict = {k: v for k, v in config_dict.items() if k not in ("out_indices", "out_features")}
         return cls(**cls._prepare_dict({**config_dict, **overrides}))
 
     @classmethod
