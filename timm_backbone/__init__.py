@@ -3,6 +3,13 @@
 from .backbone import BackboneMixin, BackboneOutput, align_stage_selection
 from .configuration import PretrainedConfig
 from .modeling import LoadReport, PreTrainedModel
+from .models.maskformer import (
+    MaskFormerConfig,
+    MaskFormerForInstanceSegmentation,
+    MaskFormerForInstanceSegmentationOutput,
+    MaskFormerModel,
+    MaskFormerModelOutput,
+)
 from .models.timm_backbone import TimmBackbone, TimmBackboneConfig
 
 __version__ = "0.1.0"
@@ -11,6 +18,11 @@ __all__ = [
     "BackboneMixin",
     "BackboneOutput",
     "LoadReport",
+    "MaskFormerConfig",
+    "MaskFormerForInstanceSegmentation",
+    "MaskFormerForInstanceSegmentationOutput",
+    "MaskFormerModel",
+    "MaskFormerModelOutput",
     "PreTrainedModel",
     "PretrainedConfig",
     "TimmBackbone",

@@ -32,6 +32,9 @@ def _register_builtins() -> None:
     from .models.timm_backbone import TimmBackbone, TimmBackboneConfig
 
     register("timm_backbone", TimmBackboneConfig, TimmBackbone, exist_ok=True)
+    from .models.maskformer.configuration import MaskFormerConfig
+
+    register("maskformer", MaskFormerConfig, exist_ok=True)  # no backbone class: MaskFormer is a task model
 
 
 def _is_timm_name(src: str) -> bool:

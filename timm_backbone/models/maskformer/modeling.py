@@ -1,0 +1,633 @@
+"""MaskFormer over any backbone: pixel-level module (backbone + FPN pixel decoder), transformer module (a DETR
+decoder over learned queries), class and mask heads, and the set loss.
+
+Module names follow transformers' checkpoint layout (``model.pixel_level_module.decoder.fpn...``,
+``model.transformer_module.decoder.layers.N...``, ``class_predictor``, ``mask_embedder``); the backbone sits at
+``model.pixel_level_module.encoder`` and is saved under its own on-disk names, so transformers loads what is saved
+here and the other way round.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...backbone import ModelOutput
+from ...layers import Mlp
+from ...modeling import LoadReport, PreTrainedModel, match_prefix
+from .configuration import MaskFormerConfig
+from .loss import MaskFormerHungarianMatcher, MaskFormerLoss, check_labels
+
+
+# outputs ------------------------------------------------------------------------------------------------------------
+@dataclass
+class MaskFormerModelOutput(ModelOutput):
+    """Outputs of :class:`MaskFormerModel`.
+
+    Attributes:
+        encoder_last_hidden_state: The backbone's last feature map ``(B, C, H/32, W/32)``.
+        pixel_decoder_last_hidden_state: Pixel embeddings ``(B, mask_feature_size, H/4, W/4)``.
+        transformer_decoder_last_hidden_state: Query embeddings ``(B, num_queries, d_model)``.
+        encoder_hidden_states: The backbone feature maps fed to the pixel decoder, when requested.
+        pixel_decoder_hidden_states: The FPN maps, coarse to fine, when requested.
+        transformer_decoder_hidden_states: The decoder input and each layer's output, when requested.
+        hidden_states: The three above, concatenated.
+        attentions: Self-attention weights of each decoder layer, when requested.
+    """
+
+    encoder_last_hidden_state: torch.Tensor | None = None
+    pixel_decoder_last_hidden_state: torch.Tensor | None = None
+    transformer_decoder_last_hidden_state: torch.Tensor | None = None
+    encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    pixel_decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    transformer_decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class MaskFormerForInstanceSegmentationOutput(ModelOutput):
+    """Outputs of :class:`MaskFormerForInstanceSegmentation`; ``MaskFormerImageProcessor``'s post-processing reads
+    ``class_queries_logits`` and ``masks_queries_logits``.
+
+    Attributes:
+        loss: Weighted sum of the losses, when labels are given.
+        class_queries_logits: ``(B, num_queries, num_labels + 1)``; the last class is "no object".
+        masks_queries_logits: ``(B, num_queries, H/4, W/4)``.
+        auxiliary_logits: Per intermediate decoder layer, a dict with both logits (with ``use_auxiliary_loss``).
+        The other fields are those of :class:`MaskFormerModelOutput`.
+    """
+
+    loss: torch.Tensor | None = None
+    class_queries_logits: torch.Tensor | None = None
+    masks_queries_logits: torch.Tensor | None = None
+    auxiliary_logits: list[dict[str, torch.Tensor]] | None = None
+    encoder_last_hidden_state: torch.Tensor | None = None
+    pixel_decoder_last_hidden_state: torch.Tensor | None = None
+    transformer_decoder_last_hidden_state: torch.Tensor | None = None
+    encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    pixel_decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    transformer_decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+# pixel decoder ------------------------------------------------------------------------------------------------------
+def conv_gn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    """3x3 conv (no bias) -> GroupNorm(32) -> ReLU; keys ``0`` / ``1`` as transformers' ``MaskFormerFPNConvLayer``."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+        nn.GroupNorm(32, out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class FPNLayer(nn.Module):
+    """Upsample the coarser map (nearest), add the projected lateral map, refine with a conv block."""
+
+    def __init__(self, feature_size: int, lateral_channels: int) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(
+            nn.Conv2d(lateral_channels, feature_size, kernel_size=1, bias=False), nn.GroupNorm(32, feature_size)
+        )
+        self.block = conv_gn_relu(feature_size, feature_size)
+
+    def forward(self, down: torch.Tensor, lateral: torch.Tensor) -> torch.Tensor:
+        lateral = self.proj(lateral)
+        return self.block(F.interpolate(down, size=lateral.shape[-2:], mode="nearest") + lateral)
+
+
+class FPN(nn.Module):
+    """Top-down feature pyramid over the backbone maps (fine to coarse in); returns its maps coarse to fine."""
+
+    def __init__(self, channels: list[int], feature_size: int) -> None:
+        super().__init__()
+        self.stem = conv_gn_relu(channels[-1], feature_size)
+        self.layers = nn.Sequential(*[FPNLayer(feature_size, c) for c in channels[-2::-1]])
+
+    def forward(self, features: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        out = self.stem(features[-1])
+        if not len(self.layers):  # a single-scale backbone: the stem output is the finest map
+            return [out]
+        maps = []
+        for layer, lateral in zip(self.layers, features[-2::-1]):
+            out = layer(out, lateral)
+            maps.append(out)
+        return maps
+
+
+class MaskFormerPixelDecoder(nn.Module):
+    """FPN over the backbone maps, then a 3x3 projection of its finest map to the pixel embeddings."""
+
+    def __init__(self, channels: list[int], feature_size: int, mask_feature_size: int) -> None:
+        super().__init__()
+        self.fpn = FPN(channels, feature_size)
+        self.mask_projection = nn.Conv2d(feature_size, mask_feature_size, kernel_size=3, padding=1)
+
+    def forward(self, features: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        maps = self.fpn(features)
+        return self.mask_projection(maps[-1]), maps
+
+
+class MaskFormerPixelLevelModule(nn.Module):
+    """The backbone (``encoder``) and the pixel decoder (``decoder``), sized from the backbone's ``channels``."""
+
+    def __init__(self, config: MaskFormerConfig) -> None:
+        super().__init__()
+        from ...auto import AutoBackbone
+
+        select_multiscale_stages(config.backbone_config)
+        self.encoder = AutoBackbone.from_config(config.backbone_config)
+        strides = list(self.encoder.strides)
+        if strides != sorted(strides):
+            raise ValueError(f"the backbone's selected stages must go from fine to coarse; their strides are {strides}")
+        self.decoder = MaskFormerPixelDecoder(
+            list(self.encoder.channels), config.fpn_feature_size, config.mask_feature_size
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, list]:
+        features = tuple(self.encoder(pixel_values, return_dict=True).feature_maps)
+        pixel_embeddings, fpn_maps = self.decoder(features)
+        return features, pixel_embeddings, fpn_maps
+
+
+def select_multiscale_stages(backbone_config: Any) -> None:
+    """Give a backbone left at its default output (only the last stage) the stages MaskFormer needs: the last stage
+    of each stride from 4 on, stems excluded (``stage1..stage4`` of ResNet and Swin, ``layer1..layer4`` of a timm
+    ResNet). Strides are read from a copy of the backbone built on the meta device, so nothing is allocated."""
+    from ...auto import AutoBackbone
+
+    stage_names = getattr(backbone_config, "stage_names", None)
+    indices = getattr(backbone_config, "out_indices", None)
+    features = getattr(backbone_config, "out_features", None)
+    if stage_names is None:
+        if indices is not None or features is not None:
+            return  # chosen by the user; the backbone validates it
+    elif list(indices or []) != [len(stage_names) - 1]:
+        return
+    with torch.device("meta"):
+        probe = AutoBackbone.from_config(copy.deepcopy(backbone_config))
+    wanted: dict[int, int] = {}
+    for i, (name, stride) in enumerate(zip(probe.stage_names, probe.stage_strides)):
+        if stride >= 4 and name != "stem":
+            wanted[stride] = i  # the last stage of each stride
+    chosen = sorted(wanted.values()) or [len(probe.stage_names) - 1]
+    if getattr(backbone_config, "stage_names", None) is None:
+        backbone_config.stage_names = list(probe.stage_names)
+    backbone_config.set_output_features_output_indices(None, chosen)
+
+
+# transformer module -------------------------------------------------------------------------------------------------
+def sine_position_embedding(
+    height: int, width: int, num_features: int, device: torch.device, dtype: torch.dtype, temperature: float = 10000.0
+) -> torch.Tensor:
+    """DETR's normalised 2-D sine embedding of an unpadded ``height x width`` grid, ``(height * width, 2 *
+    num_features)``: y features then x features, sin and cos interleaved."""
+    scale, eps = 2 * math.pi, 1e-6
+    y = torch.arange(1, height + 1, device=device, dtype=dtype)
+    x = torch.arange(1, width + 1, device=device, dtype=dtype)
+    y = y / (y[-1:] + eps) * scale
+    x = x / (x[-1:] + eps) * scale
+    dim_t = torch.arange(num_features, device=device, dtype=torch.int64).to(dtype)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_features)
+
+    def encode(values: torch.Tensor) -> torch.Tensor:
+        pos = values[:, None] / dim_t  # L, F
+        return torch.stack((pos[:, 0::2].sin(), pos[:, 1::2].cos()), dim=2).flatten(1)
+
+    pos_y = encode(y)[:, None, :].expand(height, width, -1)
+    pos_x = encode(x)[None, :, :].expand(height, width, -1)
+    return torch.cat((pos_y, pos_x), dim=-1).reshape(height * width, -1)
+
+
+class DetrAttention(nn.Module):
+    """Multi-head attention with separate q/k/v/out projections (DETR's layout); position embeddings are added by
+    the caller. ``need_weights`` takes the plain path that also returns the attention weights."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b, lq, c = query.shape
+        q = self.q_proj(query).view(b, lq, self.num_heads, self.head_dim).transpose(1, 2)  # B, h, Lq, d
+        k = self.k_proj(key).view(b, -1, self.num_heads, self.head_dim).transpose(1, 2)  # B, h, Lk, d
+        v = self.v_proj(value).view(b, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            weights = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1)).softmax(-1)
+            out = F.dropout(weights, dropout, self.training) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        return self.out_proj(out.transpose(1, 2).reshape(b, lq, c)), weights
+
+
+class DetrDecoderLayer(nn.Module):
+    """Post-norm decoder layer: self-attention over the queries, cross-attention to the image, MLP."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        ffn_dim: int,
+        dropout: float = 0.1,
+        attention_dropout: float = 0.0,
+        activation_dropout: float = 0.0,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        self.dropout = dropout
+        self.self_attn = DetrAttention(dim, num_heads, attention_dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(dim)
+        self.encoder_attn = DetrAttention(dim, num_heads, attention_dropout)
+        self.encoder_attn_layer_norm = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, ffn_dim, act=activation, drop=activation_dropout)
+        self.final_layer_norm = nn.LayerNorm(dim)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        query_pos: torch.Tensor,
+        memory: torch.Tensor,
+        memory_with_pos: torch.Tensor,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        q = hidden + query_pos
+        out, weights = self.self_attn(q, q, hidden, need_weights)
+        hidden = self.self_attn_layer_norm(hidden + F.dropout(out, self.dropout, self.training))
+        out, _ = self.encoder_attn(hidden + query_pos, memory_with_pos, memory)
+        hidden = self.encoder_attn_layer_norm(hidden + F.dropout(out, self.dropout, self.training))
+        out = F.dropout(self.mlp(hidden), self.dropout, self.training)
+        return self.final_layer_norm(hidden + out), weights
+
+
+class DetrDecoder(nn.Module):
+    """Stack of decoder layers and the final LayerNorm (applied between layers too with ``norm_between``)."""
+
+    def __init__(self, decoder_config: dict[str, Any]) -> None:
+        super().__init__()
+        dim = decoder_config["d_model"]
+        self.norm_between = bool(decoder_config.get("auxiliary_loss", False))
+        self.layers = nn.ModuleList(
+            DetrDecoderLayer(
+                dim,
+                decoder_config["decoder_attention_heads"],
+                decoder_config["decoder_ffn_dim"],
+                dropout=decoder_config["dropout"],
+                attention_dropout=decoder_config["attention_dropout"],
+                activation_dropout=decoder_config["activation_dropout"],
+                activation=decoder_config["activation_function"],
+            )
+            for _ in range(decoder_config["decoder_layers"])
+        )
+        self.layernorm = nn.LayerNorm(dim)
+
+    def forward(
+        self,
+        query_pos: torch.Tensor,
+        memory: torch.Tensor,
+        memory_pos: torch.Tensor,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, tuple | None, tuple | None]:
+        hidden = torch.zeros_like(query_pos)
+        memory_with_pos = memory + memory_pos  # the keys of every cross-attention
+        states, attentions = [hidden], []
+        for layer in self.layers:
+            hidden, weights = layer(hidden, query_pos, memory, memory_with_pos, output_attentions)
+            states.append(hidden)
+            attentions.append(weights)
+            if self.norm_between:
+                hidden = self.layernorm(hidden)
+        hidden = self.layernorm(hidden)
+        states[-1] = hidden
+        return hidden, tuple(states) if output_hidden_states else None, tuple(attentions) if output_attentions else None
+
+
+class MaskFormerTransformerModule(nn.Module):
+    """Project the coarsest backbone map to ``d_model`` and decode ``num_queries`` learned queries against it."""
+
+    def __init__(self, in_channels: int, config: MaskFormerConfig) -> None:
+        super().__init__()
+        dim = config.decoder_config["d_model"]
+        self.queries_embedder = nn.Embedding(config.decoder_config["num_queries"], dim)
+        self.input_projection = nn.Conv2d(in_channels, dim, kernel_size=1) if in_channels != dim else None
+        self.decoder = DetrDecoder(config.decoder_config)
+        self._pos_cache: dict[tuple, torch.Tensor] = {}
+
+    def position_embedding(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (height, width, device, dtype)
+        if key not in self._pos_cache:
+            dim = self.queries_embedder.embedding_dim
+            self._pos_cache = {key: sine_position_embedding(height, width, dim // 2, device, dtype)}
+        return self._pos_cache[key]
+
+    def forward(
+        self, image_features: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, tuple | None, tuple | None]:
+        if self.input_projection is not None:
+            image_features = self.input_projection(image_features)
+        b, _, h, w = image_features.shape
+        memory = image_features.flatten(2).transpose(1, 2)  # B, HW, C
+        memory_pos = self.position_embedding(h, w, memory.device, memory.dtype)[None]  # 1, HW, C
+        query_pos = self.queries_embedder.weight[None].expand(b, -1, -1)  # B, Q, C
+        return self.decoder(query_pos, memory, memory_pos, output_hidden_states, output_attentions)
+
+
+# checkpoint layout --------------------------------------------------------------------------------------------------
+ENCODER = "pixel_level_module.encoder."
+_MLP_DISK = re.compile(r"(transformer_module\.decoder\.layers\.\d+\.)(fc[12]\.)")
+_MLP_MODULE = re.compile(r"(transformer_module\.decoder\.layers\.\d+\.)mlp\.(fc[12]\.)")
+
+
+def _decoder_key_from_disk(key: str) -> str:
+    """transformers' files (``layers.N.fc1``, ``out_proj``) and in-memory names (``mlp.fc1``, ``o_proj``) -> ours."""
+    if "transformer_module.decoder.layers." not in key:
+        return key
+    return _MLP_DISK.sub(r"\1mlp.\2", key).replace(".o_proj.", ".out_proj.")
+
+
+class _MaskFormerWeights:
+    """Saving and loading in transformers' layout, the backbone part through the backbone's own key mapping."""
+
+    encoder_prefix: ClassVar[str] = ENCODER
+
+    def _backbone(self) -> nn.Module:
+        return self.get_submodule(self.encoder_prefix[:-1])
+
+    def state_dict_for_save(self) -> dict[str, torch.Tensor]:
+        own = {k: v for k, v in self.state_dict().items() if not k.startswith(self.encoder_prefix)}
+        out = {_MLP_MODULE.sub(r"\1\2", k): v for k, v in own.items()}
+        backbone = self._backbone()
+        saved = backbone.state_dict_for_save() if hasattr(backbone, "state_dict_for_save") else backbone.state_dict()
+        if getattr(backbone.config, "model_type", "") in ("swin", "maskformer-swin"):
+            saved = swin_to_maskformer_layout(saved, backbone.num_features[-1])
+        out.update({self.encoder_prefix + k: v for k, v in saved.items()})
+        return out
+
+    def load_checkpoint(
+        self, state_dict: dict[str, torch.Tensor], strict: bool = False, source: str = ""
+    ) -> LoadReport:
+        """Load a MaskFormer checkpoint (transformers' or ours, with or without the ``model.`` prefix); the backbone
+        keys go through the backbone's ``convert_state_dict`` (maskformer-swin, timm, transformers layouts)."""
+        backbone = self._backbone()
+        rest, encoder, head = {}, {}, None
+        for key, value in state_dict.items():
+            before, sep, after = key.partition(ENCODER)
+            if sep:
+                encoder[after], head = value, before
+            else:
+                rest[_decoder_key_from_disk(key)] = value
+        if encoder:
+            own = backbone.state_dict()
+            converted = type(backbone).convert_state_dict(encoder, backbone.config)
+            converted = match_prefix(converted, own, getattr(backbone, "checkpoint_prefixes", ()))
+            ignored = getattr(backbone, "ignore_unexpected", ())
+            converted = {k: v for k, v in converted.items() if k in own or not any(re.search(p, k) for p in ignored)}
+            rest.update({f"{head}{ENCODER}{k}": v for k, v in converted.items()})
+        return PreTrainedModel.load_checkpoint(self, rest, strict=strict, source=source)
+
+
+def swin_to_maskformer_layout(state_dict: dict[str, torch.Tensor], last_channels: int) -> dict[str, torch.Tensor]:
+    """transformers' ``SwinBackbone`` keys -> ``MaskFormerSwinBackbone`` keys (what transformers' MaskFormer reads):
+    ``model.`` before the Swin itself, per-stage norms numbered from 0 for stage1. The Swin's final ``layernorm``,
+    which no backbone output goes through, is written at its initial value so that the file is complete."""
+    out = {}
+    for key, value in state_dict.items():
+        norm = re.match(r"^hidden_states_norms\.stage(\d+)\.(.+)$", key)
+        if norm:
+            out[f"hidden_states_norms.{int(norm[1]) - 1}.{norm[2]}"] = value
+        else:
+            out["model." + key] = value
+    reference = next(iter(state_dict.values()))
+    out.setdefault("model.layernorm.weight", torch.ones(last_channels, dtype=reference.dtype))
+    out.setdefault("model.layernorm.bias", torch.zeros(last_channels, dtype=reference.dtype))
+    return out
+
+
+def _init_weights(module: nn.Module, std: float, xavier_gain: float) -> None:
+    """transformers' initialisation of MaskFormer's own layers (the backbone initialises itself)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.xavier_uniform_(m.weight, gain=xavier_gain)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight, gain=xavier_gain)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+        elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _flag(value: bool | None, config: MaskFormerConfig, name: str) -> bool:
+    return bool(value if value is not None else getattr(config, name, False))
+
+
+# models -------------------------------------------------------------------------------------------------------------
+class MaskFormerModel(_MaskFormerWeights, PreTrainedModel):
+    """MaskFormer without heads: backbone, FPN pixel decoder and DETR decoder.
+
+    The backbone is built from ``config.backbone_config`` by :class:`AutoBackbone`; the pixel decoder is sized from
+    its ``channels`` and the query decoder reads its coarsest map.
+    """
+
+    config_class = MaskFormerConfig
+    checkpoint_prefixes = ("model.",)
+    ignore_unexpected = (r"^class_predictor\.", r"^mask_embedder\.", r"^criterion\.")
+    ignore_missing = (r"num_batches_tracked$",)
+
+    def __init__(self, config: MaskFormerConfig) -> None:
+        super().__init__(config)
+        self.pixel_level_module = MaskFormerPixelLevelModule(config)
+        self.transformer_module = MaskFormerTransformerModule(self.pixel_level_module.encoder.channels[-1], config)
+        _init_weights(self.pixel_level_module.decoder, config.init_std, config.init_xavier_std)
+        _init_weights(self.transformer_module, config.init_std, config.init_xavier_std)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.pixel_level_module.encoder
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> MaskFormerModelOutput | tuple:
+        """Run the model.
+
+        Args:
+            pixel_values: Float images ``(B, C, H, W)``, normalised as the backbone expects.
+            pixel_mask: Accepted for compatibility and ignored, as in transformers' MaskFormer.
+            output_hidden_states: Return the backbone, pixel-decoder and query-decoder hidden states.
+            output_attentions: Return the decoder's self-attention weights.
+            return_dict: ``False`` returns a tuple.
+        """
+        output_hidden_states = _flag(output_hidden_states, self.config, "output_hidden_states")
+        output_attentions = _flag(output_attentions, self.config, "output_attentions")
+        features, pixel_embeddings, fpn_maps = self.pixel_level_module(pixel_values)
+        queries, decoder_states, attentions = self.transformer_module(
+            features[-1], output_hidden_states, output_attentions
+        )
+        output = MaskFormerModelOutput(
+            encoder_last_hidden_state=features[-1],
+            pixel_decoder_last_hidden_state=pixel_embeddings,
+            transformer_decoder_last_hidden_state=queries,
+            attentions=attentions,
+        )
+        if output_hidden_states:
+            output.encoder_hidden_states = features
+            output.pixel_decoder_hidden_states = tuple(fpn_maps)
+            output.transformer_decoder_hidden_states = decoder_states
+            output.hidden_states = features + tuple(fpn_maps) + decoder_states
+        return output if return_dict is not False else output.to_tuple()
+
+
+class MaskFormerForInstanceSegmentation(_MaskFormerWeights, PreTrainedModel):
+    """MaskFormer with its class and mask heads, and the Hungarian-matched loss when labels are given.
+
+    Example::
+
+        config = MaskFormerConfig(backbone_config=ResNetConfig(), num_labels=150)
+        model = MaskFormerForInstanceSegmentation(config)
+        out = model(pixel_values, mask_labels=[...], class_labels=[...])
+        out.loss.backward()
+    """
+
+    config_class = MaskFormerConfig
+    checkpoint_prefixes = ("model.",)
+    encoder_prefix = "model." + ENCODER
+    ignore_missing = (r"num_batches_tracked$", r"^criterion\.empty_weight$")
+
+    def __init__(self, config: MaskFormerConfig) -> None:
+        super().__init__(config)
+        self.model = MaskFormerModel(config)
+        dim = config.decoder_config["d_model"]
+        self.class_predictor = nn.Linear(dim, config.num_labels + 1)
+        layers = [(dim, dim, nn.ReLU()), (dim, dim, nn.ReLU()), (dim, config.mask_feature_size, nn.Identity())]
+        self.mask_embedder = nn.Sequential(*[nn.Sequential(nn.Linear(i, o), act) for i, o, act in layers])
+        _init_weights(self.class_predictor, config.init_std, config.init_xavier_std)
+        _init_weights(self.mask_embedder, config.init_std, config.init_xavier_std)
+        matcher = MaskFormerHungarianMatcher(cost_class=1.0, cost_mask=config.mask_weight, cost_dice=config.dice_weight)
+        self.criterion = MaskFormerLoss(config.num_labels, matcher, eos_coef=config.no_object_weight)
+        self.weight_dict = {
+            "loss_cross_entropy": config.cross_entropy_weight,
+            "loss_mask": config.mask_weight,
+            "loss_dice": config.dice_weight,
+        }
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.model.pixel_level_module.encoder
+
+    def get_logits(
+        self, outputs: MaskFormerModelOutput
+    ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """Class and mask logits of the final queries and, with ``use_auxiliary_loss``, of every earlier decoder
+        state (transformers' rule: the states before the last, the decoder input included)."""
+        pixel_embeddings = outputs.pixel_decoder_last_hidden_state
+        if not self.config.use_auxiliary_loss:
+            queries = outputs.transformer_decoder_last_hidden_state
+            masks = torch.einsum("bqc,bchw->bqhw", self.mask_embedder(queries), pixel_embeddings)
+            return self.class_predictor(queries), masks, []
+        states = torch.stack(outputs.transformer_decoder_hidden_states)  # L, B, Q, C
+        classes = self.class_predictor(states)
+        masks = torch.einsum("lbqc,bchw->lbqhw", self.mask_embedder(states), pixel_embeddings)
+        aux = [{"masks_queries_logits": m, "class_queries_logits": c} for m, c in zip(masks[:-1], classes[:-1])]
+        return classes[-1], masks[-1], aux
+
+    def get_loss_dict(
+        self,
+        masks_queries_logits: torch.Tensor,
+        class_queries_logits: torch.Tensor,
+        mask_labels: list[torch.Tensor],
+        class_labels: list[torch.Tensor],
+        auxiliary_logits: list[dict[str, torch.Tensor]] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Each loss times its weight (``cross_entropy_weight``, ``mask_weight``, ``dice_weight``), auxiliary ones
+        included."""
+        losses = self.criterion(masks_queries_logits, class_queries_logits, mask_labels, class_labels, auxiliary_logits)
+        return {
+            name: value * next(w for key, w in self.weight_dict.items() if name.startswith(key))
+            for name, value in losses.items()
+        }
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        mask_labels: list[torch.Tensor] | None = None,
+        class_labels: list[torch.Tensor] | None = None,
+        pixel_mask: torch.Tensor | None = None,
+        output_auxiliary_logits: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> MaskFormerForInstanceSegmentationOutput | tuple:
+        """Predict ``num_queries`` (class, mask) pairs per image, and the loss when labels are given.
+
+        Args:
+            pixel_values: Float images ``(B, C, H, W)``.
+            mask_labels: Per image, binary masks ``(num_instances, H, W)`` at the images' size (an image may have
+                none).
+            class_labels: Per image, the class of each mask, ``(num_instances,)`` in ``[0, num_labels)``.
+            pixel_mask: Accepted for compatibility and ignored, as in transformers.
+            output_auxiliary_logits: Return the per-layer logits (with ``use_auxiliary_loss``).
+            output_hidden_states: Return the hidden states of every part.
+            output_attentions: Return the decoder's self-attention weights.
+            return_dict: ``False`` returns a tuple (``None`` fields left out).
+
+        Raises:
+            ValueError: only one of ``mask_labels`` / ``class_labels`` is given, or labels that do not fit (see
+                :func:`check_labels`).
+        """
+        if (mask_labels is None) != (class_labels is None):
+            raise ValueError("give both mask_labels and class_labels to compute the loss, or neither")
+        if mask_labels is not None:
+            check_labels(
+                mask_labels, class_labels, self.config.num_labels, pixel_values.shape[0], pixel_values.shape[-2:]
+            )
+        output_hidden_states = _flag(output_hidden_states, self.config, "output_hidden_states")
+        outputs = self.model(
+            pixel_values,
+            output_hidden_states=output_hidden_states or self.config.use_auxiliary_loss,
+            output_attentions=output_attentions,
+            return_dict=True,
+        )
+        class_logits, mask_logits, aux = self.get_logits(outputs)
+        loss = None
+        if mask_labels is not None:
+            loss = sum(self.get_loss_dict(mask_logits, class_logits, mask_labels, class_labels, aux).values())
+        if not _flag(output_auxiliary_logits, self.config, "output_auxiliary_logits"):
+            aux = None
+        if not output_hidden_states:
+            for name in ("encoder", "pixel_decoder", "transformer_decoder"):
+                setattr(outputs, f"{name}_hidden_states", None)
+            outputs.hidden_states = None
+        output = MaskFormerForInstanceSegmentationOutput(
+            loss=loss,
+            class_queries_logits=class_logits,
+            masks_queries_logits=mask_logits,
+            auxiliary_logits=aux,
+            **{k: getattr(outputs, k) for k in outputs.keys()},
+        )
+        return output if return_dict is not False else output.to_tuple()
