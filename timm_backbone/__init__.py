@@ -7,6 +7,7 @@ from .models.maskformer import (
     MaskFormerConfig,
     MaskFormerForInstanceSegmentation,
     MaskFormerForInstanceSegmentationOutput,
+    MaskFormerImageProcessor,
     MaskFormerModel,
     MaskFormerModelOutput,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "MaskFormerConfig",
     "MaskFormerForInstanceSegmentation",
     "MaskFormerForInstanceSegmentationOutput",
+    "MaskFormerImageProcessor",
     "MaskFormerModel",
     "MaskFormerModelOutput",
     "PreTrainedModel",

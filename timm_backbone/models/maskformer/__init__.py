@@ -1,6 +1,7 @@
 """MaskFormer over any backbone of this package."""
 
 from .configuration import MaskFormerConfig
+from .image_processing import MaskFormerImageProcessor
 from .modeling import (
     MaskFormerForInstanceSegmentation,
     MaskFormerForInstanceSegmentationOutput,
@@ -12,6 +13,7 @@ __all__ = [
     "MaskFormerConfig",
     "MaskFormerForInstanceSegmentation",
     "MaskFormerForInstanceSegmentationOutput",
+    "MaskFormerImageProcessor",
     "MaskFormerModel",
     "MaskFormerModelOutput",
 ]
