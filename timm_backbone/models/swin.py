@@ -1,0 +1,730 @@
+"""Native Swin Transformer backbone: transformers' numbers and files, any input size, only the stages asked for.
+
+Loads transformers ``SwinModel`` / ``SwinForImageClassification`` / ``SwinBackbone`` checkpoints, MaskFormer's own
+Swin layout (``maskformer-swin``) and timm's ``swin_*`` checkpoints; saves in transformers' layout. Inside, q/k/v are
+one matmul and attention runs through ``scaled_dot_product_attention`` with the relative position bias and the shift
+mask as one cached additive mask.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from functools import lru_cache
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..backbone import BackboneMixin, BackboneOutput
+from ..configuration import BackboneConfigMixin, PretrainedConfig
+from ..layers import DropPath, Mlp, window_partition, window_reverse
+from ..modeling import PreTrainedModel
+
+WINDOW_SEMANTICS = ("transformers", "timm")
+
+# timm's standard variants: name -> (embed_dim, depths, num_heads, window_size, image_size)
+TIMM_SWIN_VARIANTS: dict[str, tuple[int, tuple[int, ...], tuple[int, ...], int, int]] = {
+    "swin_tiny_patch4_window7_224": (96, (2, 2, 6, 2), (3, 6, 12, 24), 7, 224),
+    "swin_small_patch4_window7_224": (96, (2, 2, 18, 2), (3, 6, 12, 24), 7, 224),
+    "swin_base_patch4_window7_224": (128, (2, 2, 18, 2), (4, 8, 16, 32), 7, 224),
+    "swin_base_patch4_window12_384": (128, (2, 2, 18, 2), (4, 8, 16, 32), 12, 384),
+    "swin_large_patch4_window7_224": (192, (2, 2, 18, 2), (6, 12, 24, 48), 7, 224),
+    "swin_large_patch4_window12_384": (192, (2, 2, 18, 2), (6, 12, 24, 48), 12, 384),
+}
+# keys of a timm hub config.json that describe timm's model, not Swin fields
+_TIMM_CONFIG_KEYS = ("architecture", "model_args", "pretrained_cfg", "num_classes", "num_features", "global_pool")
+
+
+class SwinConfig(BackboneConfigMixin, PretrainedConfig):
+    """Config of :class:`SwinBackbone`, field for field transformers' ``SwinConfig``.
+
+    Args:
+        image_size: Pretraining resolution (only sizes absolute position embeddings; any input size runs).
+        patch_size: Side of the square patches of the patch embedding.
+        num_channels: Input channels.
+        embed_dim: Channels of the patch embedding; stage ``i`` has ``embed_dim * 2**(i-1)``.
+        depths: Blocks per stage.
+        num_heads: Attention heads per stage.
+        window_size: Side of the attention windows.
+        mlp_ratio: Hidden width of the MLPs relative to their input.
+        qkv_bias: Learn biases for query, key and value.
+        hidden_dropout_prob: Dropout on the attention and MLP outputs.
+        attention_probs_dropout_prob: Dropout on the attention weights.
+        drop_path_rate: Stochastic depth, rising linearly to this value over all blocks.
+        hidden_act: MLP activation (``"gelu"``...).
+        use_absolute_embeddings: Add learned absolute position embeddings after the patch embedding.
+        initializer_range: Std of the normal initialisation of linear and conv weights.
+        layer_norm_eps: Epsilon of the block and final layer norms.
+        encoder_stride: Kept for transformers compatibility (SimMIM decoder).
+        out_features: Stages to output by name (``stem``, ``stage1``...).
+        out_indices: Stages to output by index (0 is the stem).
+        window_semantics: ``"transformers"`` (transformers' ``SwinBackbone``: always full windows, zero padding
+            before the cyclic shift) or ``"timm"`` (timm and the original Swin: a feature map that fits in one
+            window is attended unshifted with the window clamped to it, and the shift comes before the padding).
+        **kwargs: Further fields, kept and written back to ``config.json``.
+    """
+
+    model_type = "swin"
+    compatible_model_types = ("maskformer-swin",)
+
+    def __init__(
+        self,
+        image_size: int | tuple[int, int] = 224,
+        patch_size: int = 4,
+        num_channels: int = 3,
+        embed_dim: int = 96,
+        depths: list[int] | tuple[int, ...] = (2, 2, 6, 2),
+        num_heads: list[int] | tuple[int, ...] = (3, 6, 12, 24),
+        window_size: int = 7,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        hidden_dropout_prob: float = 0.0,
+        attention_probs_dropout_prob: float = 0.0,
+        drop_path_rate: float = 0.1,
+        hidden_act: str = "gelu",
+        use_absolute_embeddings: bool = False,
+        initializer_range: float = 0.02,
+        layer_norm_eps: float = 1e-5,
+        encoder_stride: int = 32,
+        out_features: list[str] | None = None,
+        out_indices: list[int] | tuple[int, ...] | None = None,
+        window_semantics: str = "transformers",
+        **kwargs: Any,
+    ) -> None:
+        for derived in ("stage_names", "num_layers", "hidden_size"):
+            kwargs.pop(derived, None)
+        super().__init__(**kwargs)
+        if len(depths) != len(num_heads) or not depths:
+            raise ValueError(f"depths {list(depths)} and num_heads {list(num_heads)} must be non-empty, equal length")
+        if window_semantics not in WINDOW_SEMANTICS:
+            raise ValueError(f"window_semantics must be one of {WINDOW_SEMANTICS}, got {window_semantics!r}")
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.num_channels = num_channels
+        self.embed_dim = embed_dim
+        self.depths = list(depths)
+        self.num_heads = list(num_heads)
+        self.window_size = window_size
+        self.mlp_ratio = mlp_ratio
+        self.qkv_bias = qkv_bias
+        self.hidden_dropout_prob = hidden_dropout_prob
+        self.attention_probs_dropout_prob = attention_probs_dropout_prob
+        self.drop_path_rate = drop_path_rate
+        self.hidden_act = hidden_act
+        self.use_absolute_embeddings = use_absolute_embeddings
+        self.initializer_range = initializer_range
+        self.layer_norm_eps = layer_norm_eps
+        self.encoder_stride = encoder_stride
+        self.window_semantics = window_semantics
+        self.num_layers = len(self.depths)
+        self.hidden_size = int(embed_dim * 2 ** (len(self.depths) - 1))
+        self._init_stage_selection(out_features, out_indices)
+
+    @property
+    def stage_names(self) -> list[str]:
+        return ["stem"] + [f"stage{i}" for i in range(1, len(self.depths) + 1)]
+
+    @classmethod
+    def _prepare_dict(cls, config_dict: dict[str, Any]) -> dict[str, Any]:
+        if "architecture" in config_dict and "model_type" not in config_dict:  # a timm hub repo's config.json
+            timm_dict = {k: config_dict.pop(k) for k in _TIMM_CONFIG_KEYS if k in config_dict}
+            return {**cls.timm_fields(timm_dict["architecture"], **timm_dict.get("model_args", {})), **config_dict}
+        return config_dict
+
+    @staticmethod
+    def timm_fields(architecture: str, **model_args: Any) -> dict[str, Any]:
+        """SwinConfig fields for a timm Swin name (``swin_tiny_patch4_window7_224[.tag]``) and its model args.
+
+        Raises:
+            ValueError: not one of timm's standard Swin variants; the message lists them.
+        """
+        name = architecture.split(".")[0]
+        if name not in TIMM_SWIN_VARIANTS:
+            raise ValueError(f"{architecture!r} is not a standard timm Swin; choose one of {list(TIMM_SWIN_VARIANTS)}")
+        embed_dim, depths, num_heads, window_size, image_size = TIMM_SWIN_VARIANTS[name]
+        fields = dict(
+            embed_dim=embed_dim, depths=list(depths), num_heads=list(num_heads), window_size=window_size,
+            image_size=image_size, patch_size=4, window_semantics="timm",
+        )  # fmt: skip
+        renames = {"img_size": "image_size", "in_chans": "num_channels"}
+        fields.update({renames.get(k, k): v for k, v in model_args.items() if renames.get(k, k) in _TIMM_ARGS})
+        return fields
+
+    @classmethod
+    def from_timm(cls, architecture: str, **kwargs: Any) -> SwinConfig:
+        """The config of a timm Swin (standard variants), with timm's window semantics; kwargs override fields."""
+        return cls(**{**cls.timm_fields(architecture), **kwargs})
+
+
+_TIMM_ARGS = {"embed_dim", "depths", "num_heads", "window_size", "image_size", "patch_size", "num_channels",
+              "mlp_ratio", "qkv_bias", "drop_path_rate"}  # fmt: skip
+
+
+# helpers ---------------------------------------------------------------------------------------------------------
+@lru_cache(maxsize=16)
+def _relative_position_index(window: tuple[int, int], table_window: int) -> torch.Tensor:
+    """Index into a ``(2*table_window-1)**2`` bias table for every token pair of a (possibly smaller) window."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window[0]), torch.arange(window[1]), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]) + (table_window - 1)  # 2, N, N
+    return rel[0] * (2 * table_window - 1) + rel[1]
+
+
+def _shift_region_mask(
+    height: int, width: int, window: tuple[int, int], shift: tuple[int, int], device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Additive mask (num_windows, 1, N, N) that keeps shifted windows from mixing regions: 0 or -100."""
+    h = torch.arange(height, device=device)
+    w = torch.arange(width, device=device)
+    h_region = (h >= height - window[0]).long() + (h >= height - shift[0]).long()
+    w_region = (w >= width - window[1]).long() + (w >= width - shift[1]).long()
+    regions = (h_region[:, None] * 3 + w_region[None, :])[None, :, :, None]  # 1, H, W, 1
+    regions = window_partition(regions, window)[0, :, :, 0]  # nW, N
+    mask = (regions[:, None, :] != regions[:, :, None]).to(dtype) * -100.0
+    return mask[:, None]  # nW, 1, N, N
+
+
+_cached_shift_region_mask = lru_cache(maxsize=32)(_shift_region_mask)
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+# blocks ----------------------------------------------------------------------------------------------------------
+class SwinPatchEmbed(nn.Module):
+    """Patch embedding: zero-pad to a patch multiple, conv patchify, layer norm, optional absolute positions."""
+
+    def __init__(
+        self, patch_size: int, in_channels: int, embed_dim: int, grid_size: tuple[int, int] | None, drop: float
+    ) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim)  # transformers leaves this one at torch's default eps
+        self.position_embeddings = None
+        if grid_size is not None:
+            self.position_embeddings = nn.Parameter(torch.zeros(1, grid_size[0] * grid_size[1], embed_dim))
+            self.grid_size = grid_size
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.patch_size
+        x = F.pad(x, (0, -x.shape[-1] % p, 0, -x.shape[-2] % p))
+        x = self.norm(self.proj(x).permute(0, 2, 3, 1))  # B, H, W, C
+        if self.position_embeddings is not None:
+            _, h, w, c = x.shape
+            pos = self.position_embeddings
+            if (h, w) != tuple(self.grid_size):
+                pos = pos.reshape(1, *self.grid_size, c).permute(0, 3, 1, 2)
+                pos = F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+            x = x + pos.reshape(1, h, w, c)
+        return self.drop(x)
+
+
+class SwinPatchMerging(nn.Module):
+    """2x2 neighbourhood concat (zero-padding odd sizes), layer norm, and a linear reduction to twice the channels."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+        h, w = x.shape[1] // 2, x.shape[2] // 2
+        # channel order (row, col) = (0,0), (1,0), (0,1), (1,1), as the original Swin and transformers
+        x = x.view(b, h, 2, w, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, h, w, 4 * c)
+        return self.reduction(self.norm(x))
+
+
+class SwinWindowAttention(nn.Module):
+    """Multi-head self-attention inside windows with a learned relative position bias.
+
+    The bias and the shift mask are added into one mask; in eval it is cached per window geometry (bounded LRU)
+    and rebuilt when the bias table changes. ``fused_attn`` selects ``scaled_dot_product_attention`` over the plain
+    softmax reference path.
+    """
+
+    cache_size: ClassVar[int] = 8
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool, attn_drop: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.window_size = window_size
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        self.attn_drop = attn_drop
+        self.fused_attn = True
+        self._mask_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def relative_position_bias(self, window: tuple[int, int]) -> torch.Tensor:
+        """The bias (heads, N, N) for a ``window`` no larger than the table's."""
+        index_fn = _relative_position_index.__wrapped__ if _is_compiling() else _relative_position_index
+        index = index_fn(window, self.window_size).to(self.relative_position_bias_table.device)
+        n = window[0] * window[1]
+        return self.relative_position_bias_table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+
+    def attention_mask(self, window: tuple[int, int], region_mask: torch.Tensor | None, key: tuple) -> torch.Tensor:
+        """Bias plus shift mask: (heads, N, N) or (nW, heads, N, N); cached unless the table needs a gradient."""
+        table = self.relative_position_bias_table
+        if _is_compiling() or (torch.is_grad_enabled() and table.requires_grad):
+            bias = self.relative_position_bias(window)
+            return bias if region_mask is None else bias + region_mask
+        key = (*key, table._version, table.data_ptr(), table.dtype)
+        mask = self._mask_cache.get(key)
+        if mask is None:
+            mask = self.relative_position_bias(window)
+            mask = mask if region_mask is None else mask + region_mask
+            self._mask_cache[key] = mask
+            if len(self._mask_cache) > self.cache_size:
+                self._mask_cache.popitem(last=False)
+        else:
+            self._mask_cache.move_to_end(key)
+        return mask
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b, nw, n, c = x.shape
+        qkv = self.qkv(x).view(b, nw, n, 3, self.num_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5)
+        q, k, v = qkv.unbind(0)  # B, nW, heads, N, head_dim
+        drop = self.attn_drop if self.training else 0.0
+        weights = None
+        if self.fused_attn and not need_weights:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), dropout_p=drop, scale=self.scale)
+        else:
+            weights = torch.softmax((q @ k.transpose(-2, -1)) * self.scale + mask, dim=-1, dtype=torch.float32)
+            weights = weights.to(q.dtype)
+            x = F.dropout(weights, drop, self.training) @ v
+        x = self.proj(x.transpose(2, 3).reshape(b, nw, n, c))
+        return x, weights
+
+
+class SwinBlock(nn.Module):
+    """Pre-norm (shifted) window attention and MLP, each with a residual connection."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int,
+        shifted: bool,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        act: str = "gelu",
+        eps: float = 1e-5,
+        window_semantics: str = "transformers",
+    ) -> None:
+        super().__init__()
+        self.window_size = window_size
+        self.shift_size = window_size // 2 if shifted else 0
+        self.window_semantics = window_semantics
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = SwinWindowAttention(dim, num_heads, window_size, qkv_bias, attn_drop)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act)
+        self.drop = nn.Dropout(drop)
+        self.drop_path = DropPath(drop_path)
+
+    def window_and_shift(self, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Window and shift per axis for a ``height`` x ``width`` map under this block's window semantics."""
+        ws, shift = self.window_size, self.shift_size
+        if self.window_semantics == "transformers":
+            return (ws, ws), (shift, shift)
+        window = (min(height, ws), min(width, ws))
+        return window, (0 if height <= ws else shift, 0 if width <= ws else shift)
+
+    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h, w = x.shape[1:3]
+        window, shift = self.window_and_shift(h, w)
+        pad_b, pad_r = -h % window[0], -w % window[1]
+        hp, wp = h + pad_b, w + pad_r
+        shifted = shift[0] > 0 or shift[1] > 0
+        timm_order = self.window_semantics == "timm"
+
+        y = self.norm1(x)
+        if shifted and timm_order:
+            y = torch.roll(y, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        y = F.pad(y, (0, 0, 0, pad_r, 0, pad_b))
+        if shifted and not timm_order:
+            y = torch.roll(y, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        windows = window_partition(y, window)  # B, nW, N, C
+
+        key = (hp, wp, window, shift, x.device)
+        region = None
+        if shifted:
+            region_fn = _shift_region_mask if _is_compiling() else _cached_shift_region_mask
+            region = region_fn(hp, wp, window, shift, x.device, x.dtype if x.is_floating_point() else torch.float32)
+        mask = self.attn.attention_mask(window, region, key)
+        y, weights = self.attn(windows, mask, need_weights)
+
+        y = window_reverse(y, window, hp, wp)  # B, Hp, Wp, C
+        if shifted and not timm_order:
+            y = torch.roll(y, shifts=shift, dims=(1, 2))
+        if pad_b or pad_r:
+            y = y[:, :h, :w]
+        if shifted and timm_order:
+            y = torch.roll(y, shifts=shift, dims=(1, 2))
+        x = x + self.drop_path(self.drop(y))
+        x = x + self.drop_path(self.drop(self.mlp(self.norm2(x))))
+        if weights is not None:  # transformers' layout: (B * nW, heads, N, N)
+            weights = weights.flatten(0, 1)
+        return x, weights
+
+
+class SwinStage(nn.Module):
+    """Blocks at one resolution, then (if not the last stage) patch merging to half the resolution."""
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        window_size: int,
+        drop_path: list[float],
+        downsample: bool,
+        **block_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            SwinBlock(dim, num_heads, window_size, shifted=i % 2 == 1, drop_path=drop_path[i], **block_kwargs)
+            for i in range(depth)
+        )
+        self.downsample = SwinPatchMerging(dim) if downsample else None
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the blocks; returns the stage output (before merging) and the last block's attention weights."""
+        weights = None
+        for i, block in enumerate(self.blocks):
+            last = need_weights and i == len(self.blocks) - 1
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled() and not last:
+                x, _ = checkpoint(block, x, use_reentrant=False)
+            else:
+                x, weights = block(x, last)
+        return x, weights
+
+
+# the model -------------------------------------------------------------------------------------------------------
+class SwinBackbone(BackboneMixin, PreTrainedModel):
+    """Swin Transformer as a backbone: stages ``stem, stage1..N``, NCHW maps normalised by per-stage layer norms.
+
+    Only the stages up to the deepest one in ``out_indices`` run (all of them when hidden states or attentions are
+    requested); the parameters of the others are frozen (``requires_grad=False``) so that DDP needs no
+    ``find_unused_parameters``.
+    """
+
+    config_class = SwinConfig
+    has_attentions = True
+    # heads, final norm and buffers of full models, and norms of stages this selection does not output
+    ignore_unexpected = (r"^classifier\.", r"^(swin\.)?layernorm\.", r"^pooler\.", r"^decoder\.", r"mask_token$",
+                         r"^hidden_states_norms\.", r"^head\.")  # fmt: skip
+
+    def __init__(self, config: SwinConfig) -> None:
+        super().__init__(config)
+        c = config
+        num_stages = len(c.depths)
+        for i, heads in enumerate(c.num_heads):
+            if (c.embed_dim * 2**i) % heads:
+                raise ValueError(f"stage {i + 1} has {c.embed_dim * 2**i} channels, not divisible by {heads} heads")
+        self.stage_names = c.stage_names
+        self.num_features = [c.embed_dim] + [c.embed_dim * 2**i for i in range(num_stages)]
+        self.stage_strides = [c.patch_size] + [c.patch_size * 2**i for i in range(num_stages)]
+        image_size = c.image_size if isinstance(c.image_size, (list, tuple)) else (c.image_size, c.image_size)
+        grid = (image_size[0] // c.patch_size, image_size[1] // c.patch_size) if c.use_absolute_embeddings else None
+        self.patch_embed = SwinPatchEmbed(c.patch_size, c.num_channels, c.embed_dim, grid, c.hidden_dropout_prob)
+        dpr = [c.drop_path_rate * i / max(sum(c.depths) - 1, 1) for i in range(sum(c.depths))]
+        block_kwargs = dict(
+            mlp_ratio=c.mlp_ratio, qkv_bias=c.qkv_bias, drop=c.hidden_dropout_prob,
+            attn_drop=c.attention_probs_dropout_prob, act=c.hidden_act, eps=c.layer_norm_eps,
+            window_semantics=c.window_semantics,
+        )  # fmt: skip
+        self.layers = nn.ModuleList(
+            SwinStage(
+                self.num_features[i + 1],
+                c.depths[i],
+                c.num_heads[i],
+                c.window_size,
+                drop_path=dpr[sum(c.depths[:i]) : sum(c.depths[: i + 1])],
+                downsample=i < num_stages - 1,
+                **block_kwargs,
+            )
+            for i in range(num_stages)
+        )
+        self.hidden_states_norms = nn.ModuleDict(
+            {name: nn.LayerNorm(self.num_features[i]) for name, i in zip(self.out_features, self.out_indices)}
+        )
+        self.apply(self._init_weights)
+        self._freeze_unused_stages()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, SwinWindowAttention):
+            nn.init.zeros_(module.relative_position_bias_table)
+
+    def _freeze_unused_stages(self) -> None:
+        deepest = max(self.out_indices)
+        for i, stage in enumerate(self.layers):
+            if i >= deepest:
+                stage.requires_grad_(False)
+            elif i == deepest - 1 and stage.downsample is not None:
+                stage.downsample.requires_grad_(False)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in the backward pass instead of storing them (training memory)."""
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
+
+    def gradient_checkpointing_enable(self, **_: Any) -> None:
+        self.set_grad_checkpointing(True)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.set_grad_checkpointing(False)
+
+    def set_fused_attn(self, enable: bool = True) -> None:
+        """Choose ``scaled_dot_product_attention`` (default) or the plain softmax reference path."""
+        for module in self.modules():
+            if isinstance(module, SwinWindowAttention):
+                module.fused_attn = enable
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BackboneOutput | tuple:
+        """Feature maps of the selected stages (NCHW, stage-normalised).
+
+        Args:
+            pixel_values: Images (batch, channels, height, width), any height and width.
+            output_hidden_states: Also return every stage's output (NCHW, before the stage norm).
+            output_attentions: Also return each stage's last-block attention weights, (batch * windows, heads,
+                window tokens, window tokens) as transformers does.
+            return_dict: ``False`` returns a tuple.
+        """
+        self.check_pixel_values(pixel_values)
+        cfg = self.config
+        output_hidden_states = bool(getattr(cfg, "output_hidden_states", False) if output_hidden_states is None
+                                    else output_hidden_states)  # fmt: skip
+        output_attentions = bool(getattr(cfg, "output_attentions", False) if output_attentions is None
+                                 else output_attentions)  # fmt: skip
+        num_run = len(self.layers) if output_hidden_states or output_attentions else max(self.out_indices)
+
+        x = self.patch_embed(pixel_values)  # B, H, W, C
+        states, attentions = [x], []
+        for i in range(num_run):
+            stage = self.layers[i]
+            out, weights = stage(x, output_attentions)
+            states.append(out)
+            attentions.append(weights)
+            if i + 1 < num_run:
+                x = stage.downsample(out)
+
+        feature_maps = tuple(
+            self.hidden_states_norms[name](states[i]).permute(0, 3, 1, 2).contiguous()
+            for name, i in zip(self.out_features, self.out_indices)
+        )
+        output = BackboneOutput(
+            feature_maps=feature_maps,
+            hidden_states=tuple(s.permute(0, 3, 1, 2).contiguous() for s in states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
+        if return_dict is False or (return_dict is None and getattr(cfg, "return_dict", True) is False):
+            return output.to_tuple()
+        return output
+
+    # checkpoints -------------------------------------------------------------------------------------------------
+    @classmethod
+    def convert_state_dict(cls, state_dict: dict[str, torch.Tensor], config: PretrainedConfig) -> dict:
+        """Any supported layout (transformers, maskformer-swin, timm, original Swin) to this module's keys."""
+        return _any_to_internal(state_dict)
+
+    def state_dict_for_save(self) -> dict[str, torch.Tensor]:
+        """transformers' ``SwinBackbone`` layout: separate query/key/value, ``embeddings.`` / ``encoder.`` keys."""
+        return _internal_to_transformers(self.state_dict())
+
+    def load_checkpoint(self, state_dict: dict[str, torch.Tensor], strict: bool = False, source: str = "") -> Any:
+        report = super().load_checkpoint(state_dict, strict=strict, source=source)
+        for module in self.modules():  # weights changed: drop cached masks
+            if isinstance(module, SwinWindowAttention):
+                module._mask_cache.clear()
+        return report
+
+
+# checkpoint layouts ----------------------------------------------------------------------------------------------
+# block parameters: this module's suffix -> transformers' (q/k/v handled apart)
+_BLOCK_TO_HF = {
+    "norm1": "layernorm_before",
+    "attn.relative_position_bias_table": "attention.self.relative_position_bias_table",
+    "attn.proj": "attention.output.dense",
+    "norm2": "layernorm_after",
+    "mlp.fc1": "intermediate.dense",
+    "mlp.fc2": "output.dense",
+}
+# transformers >= 5 in-memory names, accepted on load as well
+_HF5_ALIASES = {
+    "attention.relative_position_bias.relative_position_bias_table": "attn.relative_position_bias_table",
+    "attention.o_proj": "attn.proj",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
+_HF_TO_BLOCK = {**{v: k for k, v in _BLOCK_TO_HF.items()}, **_HF5_ALIASES}
+_QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"))
+_TOP_TO_HF = {"patch_embed.proj.": "embeddings.patch_embeddings.projection.", "patch_embed.norm.": "embeddings.norm.",
+              "patch_embed.position_embeddings": "embeddings.position_embeddings"}  # fmt: skip
+_BLOCK_KEY = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.(.+)\.(weight|bias|relative_position_bias_table)$")
+_HF_BLOCK_KEY = re.compile(r"^encoder\.layers\.(\d+)\.blocks\.(\d+)\.(.+)$")
+_SKIP = re.compile(r"(relative_position_index|attn_mask)$")
+
+
+def _split_param(key: str) -> tuple[str, str]:
+    """``a.b.weight`` -> (``a.b``, ``weight``); the bias table is a parameter of its own."""
+    if key.endswith("relative_position_bias_table"):
+        return key, ""
+    module, _, param = key.rpartition(".")
+    return module, param
+
+
+def _internal_to_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        match = re.match(r"^layers\.(\d+)\.blocks\.(\d+)\.(.+)$", key)
+        if match:
+            prefix = f"encoder.layers.{match[1]}.blocks.{match[2]}."
+            module, param = _split_param(match[3])
+            if module == "attn.qkv":
+                for name, part in zip(_QKV_NAMES[0], value.chunk(3, dim=0)):
+                    out[f"{prefix}attention.self.{name}.{param}"] = part.clone()
+                continue
+            hf = _BLOCK_TO_HF.get(module, module)
+            out[prefix + hf + (f".{param}" if param else "")] = value
+        elif key.startswith("layers."):
+            out["encoder." + key] = value
+        else:
+            for ours, theirs in _TOP_TO_HF.items():
+                if key.startswith(ours):
+                    key = theirs + key[len(ours) :]
+                    break
+            out[key] = value
+    return out
+
+
+def _transformers_to_internal(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        match = _HF_BLOCK_KEY.match(key)
+        if match:
+            prefix = f"layers.{match[1]}.blocks.{match[2]}."
+            module, param = _split_param(match[3])
+            for names in _QKV_NAMES:
+                for j, name in enumerate(names):
+                    if module in (f"attention.self.{name}", f"attention.{name}"):
+                        qkv.setdefault((prefix, param), {})[j] = value
+                        break
+                else:
+                    continue
+                break
+            else:
+                ours = _HF_TO_BLOCK.get(module)
+                out[(prefix + ours + (f".{param}" if param else "")) if ours else key] = value
+        elif key.startswith("encoder.layers."):
+            out[key[len("encoder.") :]] = value
+        else:
+            for ours, theirs in _TOP_TO_HF.items():
+                if key.startswith(theirs):
+                    key = ours + key[len(theirs) :]
+                    break
+            out[key] = value
+    for (prefix, param), parts in qkv.items():
+        if len(parts) == 3:
+            out[f"{prefix}attn.qkv.{param}"] = torch.cat([parts[0], parts[1], parts[2]], dim=0)
+        else:  # incomplete: keep what is there under transformers' names so the report shows it
+            for j, part in parts.items():
+                out[f"encoder.{prefix}attention.self.{_QKV_NAMES[0][j]}.{param}"] = part
+    return out
+
+
+def _timm_to_internal(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # timm merges patches at the start of stages 1..N-1; the original Swin (and transformers) at the end of 0..N-2
+    downsample_at_start = "layers.0.downsample.reduction.weight" not in state_dict
+    out = {}
+    for key, value in state_dict.items():
+        if downsample_at_start:
+            key = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m[1]) - 1}.downsample.", key)
+        key = re.sub(r"^absolute_pos_embed$", "patch_embed.position_embeddings", key)
+        key = re.sub(r"^norm\.", "layernorm.", key)
+        key = re.sub(r"^head\.(fc\.)?", "classifier.", key)
+        out[key] = value
+    return out
+
+
+def _internal_to_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state_dict.items():
+        key = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m[1]) + 1}.downsample.", key)
+        key = re.sub(r"^patch_embed\.position_embeddings$", "absolute_pos_embed", key)
+        key = re.sub(r"^layernorm\.", "norm.", key)
+        key = re.sub(r"^classifier\.", "head.fc.", key)
+        out[key] = value
+    return out
+
+
+def swin_timm_to_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A timm ``SwinTransformer`` state dict in transformers' ``SwinModel`` layout.
+
+    ``norm`` becomes ``layernorm`` and ``head.fc`` becomes ``classifier`` (prefix those two and the rest with
+    ``swin.`` for ``SwinForImageClassification``); timm's non-persistent buffers are dropped.
+    """
+    state_dict = {k: v for k, v in _unwrap(state_dict).items() if not _SKIP.search(k)}
+    return _internal_to_transformers(_timm_to_internal(state_dict))
+
+
+def swin_transformers_to_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers Swin state dict (any of its layouts, or maskformer-swin) in timm's ``SwinTransformer`` layout.
+
+    Per-stage backbone norms (``hidden_states_norms``) have no place in timm and are dropped.
+    """
+    internal = _any_to_internal(state_dict)
+    return _internal_to_timm({k: v for k, v in internal.items() if not k.startswith("hidden_states_norms.")})
+
+
+def _unwrap(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
+    for wrapper in ("model", "state_dict"):
+        if isinstance(state_dict.get(wrapper), dict):
+            state_dict = state_dict[wrapper]
+    return state_dict
+
+
+def _any_to_internal(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detect the layout (transformers with/without ``swin.``, maskformer-swin, timm/original Swin) and convert."""
+    state_dict = {k: v for k, v in _unwrap(state_dict).items() if not _SKIP.search(k)}
+    prefixes = (("model.pixel_level_module.encoder.", ""), ("swin.", "embeddings."), ("model.", "embeddings."))
+    for prefix, marker in prefixes:
+        if any(k.startswith(prefix + marker) for k in state_dict):
+            state_dict = {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
+    # maskformer-swin numbers its per-stage norms from stage1
+    state_dict = {
+        re.sub(r"^hidden_states_norms\.(\d+)\.", lambda m: f"hidden_states_norms.stage{int(m[1]) + 1}.", k): v
+        for k, v in state_dict.items()
+    }
+    if any(k.startswith("patch_embed.") for k in state_dict):
+        return _timm_to_internal(state_dict)
+    return _transformers_to_internal(state_dict)
