@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from .configuration import pop_hub_kwargs
-from .hub import atomic_write, read_json, resolve_file
+from .hub import CONFIG_NAME, atomic_write, read_json, resolve_file
 from .image_transforms import (
     BACKENDS,
     IMAGENET_DEFAULT_MEAN,
@@ -286,6 +286,8 @@ class BaseImageProcessor:
         for key in ("image_mean", "image_std"):
             if isinstance(out.get(key), tuple):
                 out[key] = list(out[key])
+        if out.get("backend") == type(self).backend:
+            del out["backend"]  # transformers' processors have a read-only `backend`: write only a non-default one
         out["image_processor_type"] = self.processor_type
         return dict(sorted(out.items()))
 
@@ -460,6 +462,39 @@ class TimmImageProcessor(BaseImageProcessor):
                 raise ValueError(f"unknown timm model {name!r}; see timm.list_models()")
             pretrained_cfg = timm.models.get_pretrained_cfg(name.partition(".")[0]) or {}
         return cls.from_pretrained_cfg(pretrained_cfg, **overrides)
+
+    @classmethod
+    def from_pretrained(cls, src: str | os.PathLike, **kwargs: Any) -> TimmImageProcessor:
+        """From a timm name (``resnet50.a1_in1k``, ``hf-hub:org/name``), a timm hub repo (folder or id; its
+        ``config.json`` carries ``pretrained_cfg``), a folder saved by ``TimmBackbone``, or a
+        ``preprocessor_config.json`` (folder, id or file).
+
+        Raises:
+            OSError: none of these files was found.
+            ValueError: an unknown timm name.
+        """
+        hub_kwargs = pop_hub_kwargs(kwargs)
+        kwargs.pop("use_fast", None)
+        name = os.fspath(src)
+        if name.startswith("hf-hub:"):
+            name = name[len("hf-hub:") :]
+        elif "/" not in name and not os.path.exists(name):
+            return cls.from_timm_name(name, **kwargs)
+        if os.path.isfile(name):
+            return cls.from_dict(read_json(name), **kwargs)
+        path = resolve_file(name, PROCESSOR_NAME, **hub_kwargs)
+        if path is not None:
+            return cls.from_dict(read_json(path), **kwargs)
+        config_path = resolve_file(name, CONFIG_NAME, **hub_kwargs)
+        config = read_json(config_path) if config_path is not None else {}
+        if "pretrained_cfg" in config:
+            return cls.from_pretrained_cfg(config["pretrained_cfg"], **kwargs)
+        if config.get("model_type") == "timm_backbone" and config.get("backbone"):
+            return cls.from_pretrained(config["backbone"], **hub_kwargs, **kwargs)
+        raise OSError(
+            f"{name!r} has no {PROCESSOR_NAME} and no {CONFIG_NAME} with a timm pretrained_cfg (or a timm_backbone "
+            f"config naming the model)"
+        )
 
     def resize_image(self, image: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
         target_h, target_w = params["size"]["height"], params["size"]["width"]
