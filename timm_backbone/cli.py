@@ -117,6 +117,20 @@ def cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .benchmark import run_from_args
+
+    return run_from_args(args)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert_checkpoint
+
+    result = convert_checkpoint(args.src, args.dst, to=args.to, architecture=args.arch, config=args.config)
+    print(result.summary())
+    return 0
+
+
 def _indices(text: str) -> list[int]:
     try:
         return [int(v) for v in text.replace(",", " ").split()]
@@ -154,6 +168,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", metavar="PATH", default=None, help="write the feature maps to a .safetensors file")
     p.add_argument("--save-plot", metavar="PATH", default=None, help="write a PNG picture of the feature maps")
     p.set_defaults(func=cmd_features)
+
+    from .benchmark import add_arguments as add_bench_arguments
+
+    p = sub.add_parser(
+        "bench",
+        help="timm vs native (vs transformers) per stage: max abs difference, latency, throughput, peak memory",
+        description="Same weights in every implementation; JSON, markdown and PNG written to --output. Defaults are "
+        "quick (resnet18 and swin_t, batch 1, 5 repeats); --all-models, --batch 1 8, --dtype fp32 bf16 and "
+        "--compile widen it.",
+    )
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "convert",
+        help="convert a Swin or ResNet checkpoint between timm's and transformers' layouts (safetensors out)",
+        description="SRC is a folder (config.json + weights; timm's or transformers'), a hub id in the local cache, "
+        "or a weights file (then --arch names the timm architecture or --config a transformers config.json). DST is "
+        "a folder (config.json + model.safetensors) or a .safetensors file.",
+    )
+    p.add_argument("src", help="checkpoint folder, hub id, or weights file")
+    p.add_argument("dst", help="output folder, or a .safetensors file for the weights alone")
+    p.add_argument("--to", choices=["timm", "transformers"], default=None, help="target layout (default: the other)")
+    p.add_argument("--arch", default=None, help="timm architecture of a timm weights file (e.g. resnet50)")
+    p.add_argument("--config", default=None, help="transformers config.json of a transformers weights file")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 

@@ -1,0 +1,675 @@
+"""The timm-versus-native stage benchmark: same weights, stage by stage, max abs difference, latency, memory.
+
+For every model the timm backbone, the native backbone and (when installed) transformers' backbone get the same
+random weights: a timm checkpoint is drawn once, converted to transformers' layout with the model family's key
+mapping, and saved to a temporary folder that the native and the transformers backbones load. For stage ``k`` each
+contender is built with ``out_indices=[k]``, so its latency is the cumulative cost of stages ``0..k``. The
+contenders run interleaved (the order rotates each repeat) in one process and the medians are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+IMPLEMENTATIONS = ("timm", "native", "transformers")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODES = ("eager", "compile")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A benchmarked model.
+
+    Args:
+        key: Short name (``swin_t``).
+        family: ``swin`` or ``resnet``: which native backbone and key mapping.
+        timm_name: timm architecture.
+        timm_args: Extra ``timm.create_model`` arguments (smaller variants for tests).
+        native_args: Native config fields that override the ones derived from ``timm_name``, to match ``timm_args``.
+    """
+
+    key: str
+    family: str
+    timm_name: str
+    timm_args: dict[str, Any] = field(default_factory=dict)
+    native_args: dict[str, Any] = field(default_factory=dict)
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.key: spec
+    for spec in (
+        ModelSpec("resnet18", "resnet", "resnet18"),
+        ModelSpec("resnet50", "resnet", "resnet50"),
+        ModelSpec("resnet101", "resnet", "resnet101"),
+        ModelSpec("swin_t", "swin", "swin_tiny_patch4_window7_224"),
+        ModelSpec("swin_s", "swin", "swin_small_patch4_window7_224"),
+        ModelSpec("swin_b", "swin", "swin_base_patch4_window7_224"),
+    )
+}
+QUICK_MODELS = ("resnet18", "swin_t")
+_TRANSFORMERS_BACKBONES = {"swin": "SwinBackbone", "resnet": "ResNetBackbone"}
+
+# how each family's native stage is compared with timm's
+COMPARISON_NOTES = {
+    "swin": (
+        "native stage k = timm layers.(k-1), compared after applying the native stage norm (hidden_states_norms) "
+        "to timm's output, which timm leaves unnormalised; timm has no stem output"
+    ),
+    "resnet": (
+        "native stage k = timm layer{k}; the native stem includes the stem max-pool (stride 4) that timm's act1 "
+        "tap (stride 2) precedes, so timm's act1 is max-pooled (3x3, stride 2, padding 1) before comparing"
+    ),
+}
+
+
+@dataclass
+class BenchSettings:
+    """What to run.
+
+    Args:
+        models: Keys of :data:`MODELS`, or :class:`ModelSpec` objects.
+        batch_sizes: Batch sizes to run.
+        dtypes: Keys of :data:`DTYPES`.
+        modes: ``eager`` and/or ``compile`` (``torch.compile`` of each contender).
+        input_size: Square input side in pixels.
+        repeats: Timed calls per contender and stage (the median is reported).
+        warmup: Untimed calls per contender before timing (at least 2 under ``compile``).
+        device: ``cpu`` or ``cuda`` (``cuda`` is synchronised around every timed call).
+        threads: ``torch.set_num_threads`` for the run; ``None`` keeps the current setting.
+        stages: Native stage indices to run; ``None`` runs every stage.
+        transformers: Include transformers' backbones when the package is installed.
+        memory: Measure peak memory (one extra profiled call per contender and stage).
+        seed: Seed of the random weights and input.
+    """
+
+    models: list[str | ModelSpec] = field(default_factory=lambda: list(QUICK_MODELS))
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    dtypes: list[str] = field(default_factory=lambda: ["fp32"])
+    modes: list[str] = field(default_factory=lambda: ["eager"])
+    input_size: int = 224
+    repeats: int = 5
+    warmup: int = 1
+    device: str = "cpu"
+    threads: int | None = None
+    stages: list[int] | None = None
+    transformers: bool = True
+    memory: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the valid choices for anything unknown."""
+        names = [m for m in self.models if not isinstance(m, ModelSpec)]
+        checks = (("models", names, MODELS), ("dtypes", self.dtypes, DTYPES), ("modes", self.modes, MODES))
+        for name, values, valid in checks:
+            unknown = [v for v in values if v not in valid]
+            if unknown or (not values and name != "models"):
+                raise ValueError(f"{name} {unknown or values} invalid; choose from {list(valid)}")
+        if not self.models:
+            raise ValueError(f"no models to run; choose from {list(MODELS)}")
+        families = {m.family for m in self.models if isinstance(m, ModelSpec)}
+        if families - set(COMPARISON_NOTES):
+            raise ValueError(f"unknown model families {sorted(families)}; choose from {sorted(COMPARISON_NOTES)}")
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise ValueError(f"batch sizes must be positive integers, got {self.batch_sizes}")
+        if self.input_size < 32 or self.input_size % 32:
+            raise ValueError(f"input_size must be a multiple of 32 (>= 32), got {self.input_size}")
+        if self.repeats < 1 or self.warmup < 0:
+            raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {self.repeats} and {self.warmup}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False; use --device cpu")
+
+
+# machine ---------------------------------------------------------------------------------------------------------
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    """The machine, library versions and thread count the numbers were measured with."""
+    import timm
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "transformers": _transformers_version(),
+        "device": device,
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _transformers_version() -> str | None:
+    try:
+        import transformers
+    except ImportError:
+        return None
+    return transformers.__version__
+
+
+# measuring -------------------------------------------------------------------------------------------------------
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(
+    calls: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: str = "cpu"
+) -> dict[str, list[float]]:
+    """Seconds per call of each contender; contenders alternate, with the order rotated every repeat."""
+    names = list(calls)
+    for _ in range(warmup):
+        for name in names:
+            calls[name]()
+    _synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            _synchronize(device)
+            start = time.perf_counter()
+            calls[name]()
+            _synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence the C++ profiler's own log lines (written straight to file descriptor 2)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_memory(call: Callable[[], Any], device: str = "cpu") -> int:
+    """Peak bytes allocated by torch during one call, above what was allocated before it.
+
+    CUDA reads the caching allocator's statistics; CPU replays the allocation events of ``torch.profiler``.
+    """
+    if device == "cuda":
+        _synchronize(device)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        call()
+        _synchronize(device)
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    current = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+# weights and contenders ------------------------------------------------------------------------------------------
+def _family(family: str) -> tuple[type, type, Callable[[dict], dict]]:
+    """(config class, backbone class, timm-to-transformers key mapping) of a native family."""
+    if family == "swin":
+        from .models.swin import SwinBackbone, SwinConfig, swin_timm_to_transformers
+
+        return SwinConfig, SwinBackbone, swin_timm_to_transformers
+    if family == "resnet":
+        from .models.resnet import ResNetBackbone, ResNetConfig, resnet_timm_to_transformers
+
+        return ResNetConfig, ResNetBackbone, resnet_timm_to_transformers
+    raise ValueError(f"unknown model family {family!r}; choose from ['resnet', 'swin']")
+
+
+def random_timm_state_dict(timm_name: str, seed: int, **model_args: Any) -> dict[str, torch.Tensor]:
+    """timm's random initialisation, with norm statistics and affine parameters perturbed.
+
+    A fresh model has BatchNorm statistics of 0/1 and norm weights of 1/0, which would hide mistakes in how they
+    are mapped; every constant floating tensor gets noise (running variances stay positive).
+    """
+    import timm
+
+    torch.manual_seed(seed)
+    state_dict = timm.create_model(timm_name, **model_args).state_dict()
+    generator = torch.Generator().manual_seed(seed + 1)
+    out = {}
+    for key, value in state_dict.items():
+        if value.is_floating_point() and value.numel() > 1 and bool((value == value.flatten()[0]).all()):
+            noise = torch.randn(value.shape, generator=generator)
+            value = (
+                torch.rand(value.shape, generator=generator) + 0.5
+                if key.endswith("running_var")
+                else (value + 0.1 * noise)
+            )
+        out[key] = value
+    return out
+
+
+def native_config(spec: ModelSpec, **overrides: Any) -> Any:
+    """The native config matching the timm architecture of ``spec`` (timm's window semantics for Swin)."""
+    config_class, _, _ = _family(spec.family)
+    return config_class(**{**config_class.timm_fields(spec.timm_name), **spec.native_args, **overrides})
+
+
+def _timm_stage(spec: ModelSpec, native_index: int) -> int | None:
+    """timm's feature index for a native stage index (``None``: timm has no such tap)."""
+    if spec.family == "swin":
+        return native_index - 1 if native_index > 0 else None
+    return native_index
+
+
+def _timm_as_native(
+    spec: ModelSpec, stage_name: str, feature: torch.Tensor, weights: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """timm's feature map made comparable with the native stage (see :data:`COMPARISON_NOTES`)."""
+    if spec.family == "swin":
+        weight = weights.get(f"hidden_states_norms.{stage_name}.weight")
+        bias = weights.get(f"hidden_states_norms.{stage_name}.bias")
+        x = feature.permute(0, 2, 3, 1).float()
+        w = weight.float().to(x.device) if weight is not None else None
+        b = bias.float().to(x.device) if bias is not None else None
+        return F.layer_norm(x, x.shape[-1:], w, b, eps=1e-5).permute(0, 3, 1, 2)
+    if stage_name == "stem":
+        return F.max_pool2d(feature.float(), kernel_size=3, stride=2, padding=1)
+    return feature.float()
+
+
+def _max_abs_diff(a: torch.Tensor | None, b: torch.Tensor | None) -> float | None:
+    if a is None or b is None:
+        return None
+    if a.shape != b.shape:
+        raise ValueError(f"stage outputs differ in shape: {list(a.shape)} vs {list(b.shape)}")
+    return float((a.float() - b.float()).abs().max())
+
+
+class _Weights:
+    """One random checkpoint of a model in both layouts, and a transformers-layout folder holding it."""
+
+    def __init__(self, spec: ModelSpec, settings: BenchSettings, folder: str) -> None:
+        _, backbone_class, to_transformers = _family(spec.family)
+        # the checkpoint is drawn at the model's own resolution; the timm contender runs at the input size
+        self.timm = random_timm_state_dict(spec.timm_name, settings.seed, **spec.timm_args)
+        self.timm_args = dict(spec.timm_args)
+        if spec.family == "swin":
+            self.timm_args["img_size"] = settings.input_size
+        self.transformers = dict(to_transformers(self.timm))
+        everything = native_config(spec)
+        everything = native_config(spec, out_indices=list(range(len(everything.stage_names))))
+        full = backbone_class(everything)
+        generator = torch.Generator().manual_seed(settings.seed + 2)
+        for key, value in full.state_dict_for_save().items():
+            if key.startswith("hidden_states_norms."):
+                noise = 0.1 * torch.randn(value.shape, generator=generator)
+                self.transformers[key] = (1.0 if key.endswith("weight") else 0.0) + noise
+        full.load_checkpoint(self.transformers, strict=True, source="benchmark weights")
+        full.save_pretrained(folder)
+        self.folder = folder
+        self.stage_names = list(full.stage_names)
+
+
+def _build_contenders(
+    spec: ModelSpec, weights: _Weights, index: int, dtype: torch.dtype, settings: BenchSettings, with_tf: bool
+) -> dict[str, torch.nn.Module]:
+    from .models.timm_backbone import TimmBackbone, TimmBackboneConfig
+
+    _, backbone_class, _ = _family(spec.family)
+    models: dict[str, torch.nn.Module] = {}
+    timm_index = _timm_stage(spec, index)
+    if timm_index is not None:
+        config = TimmBackboneConfig(spec.timm_name, out_indices=[timm_index], model_args=dict(weights.timm_args))
+        models["timm"] = TimmBackbone(config, timm_state_dict=weights.timm)
+    config = native_config(spec, out_indices=[index])
+    models["native"] = backbone_class.from_pretrained(weights.folder, config=config)
+    if with_tf:
+        import transformers
+
+        # the concrete class: transformers' AutoBackbone asks the hub whether a local folder is a repo
+        tf_class = getattr(transformers, _TRANSFORMERS_BACKBONES[spec.family])
+        models["transformers"] = tf_class.from_pretrained(weights.folder, out_indices=[index])
+    return {name: m.to(device=settings.device, dtype=dtype).eval() for name, m in models.items()}
+
+
+# running ---------------------------------------------------------------------------------------------------------
+def _stderr_progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _transformers_quiet(enabled: bool) -> Iterator[None]:
+    """transformers' loading bars and warnings off while the benchmark runs (they would bury the progress)."""
+    if not enabled:
+        yield
+        return
+    from transformers.utils import logging as tf_logging
+
+    bars, level = tf_logging.is_progress_bar_enabled(), tf_logging.get_verbosity()
+    tf_logging.disable_progress_bar()
+    tf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        tf_logging.set_verbosity(level)
+        if bars:
+            tf_logging.enable_progress_bar()
+
+
+def run_benchmark(settings: BenchSettings, progress: Callable[[str], None] | None = _stderr_progress) -> dict:
+    """Run every (model, dtype, batch, mode) of ``settings`` and return the report (JSON-serialisable).
+
+    Args:
+        settings: What to run.
+        progress: Called with a line of text after each step (``None``: silent).
+
+    Returns:
+        ``{"machine": ..., "settings": ..., "runs": [{"model", "dtype", "batch", "mode", "stages": [...]}, ...]}``,
+        each stage with ``max_abs_diff`` (native vs timm and vs transformers), ``latency_ms`` (median),
+        ``latency_ms_all``, ``throughput`` (images/s) and ``peak_mib`` per contender.
+    """
+    settings.validate()
+    say = progress or (lambda _message: None)
+    previous_threads = torch.get_num_threads()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    with_tf = settings.transformers and _transformers_version() is not None
+    report = {"machine": machine_info(settings.device), "settings": asdict(settings), "runs": []}
+    report["settings"]["contenders"] = [n for n in IMPLEMENTATIONS if n != "transformers" or with_tf]
+    combos = [
+        (m, d, b, mode)
+        for m in settings.models
+        for d in settings.dtypes
+        for b in settings.batch_sizes
+        for mode in settings.modes
+    ]
+    started = time.perf_counter()
+    try:
+        with _transformers_quiet(with_tf):
+            for step, (model, dtype_name, batch, mode) in enumerate(combos, 1):
+                spec = model if isinstance(model, ModelSpec) else MODELS[model]
+                tag = f"[{step}/{len(combos)}] {spec.key} {dtype_name} batch {batch} {mode}"
+                say(f"{tag}: preparing weights")
+                with tempfile.TemporaryDirectory(prefix="stage-bench-") as folder:
+                    weights = _Weights(spec, settings, folder)
+                    run = _run_one(spec, weights, DTYPES[dtype_name], batch, mode, settings, with_tf, say, tag, started)
+                run.update(
+                    model=spec.key,
+                    timm_name=spec.timm_name,
+                    family=spec.family,
+                    dtype=dtype_name,
+                    batch=batch,
+                    mode=mode,
+                    input_size=settings.input_size,
+                    comparison=COMPARISON_NOTES[spec.family],
+                )
+                report["runs"].append(run)
+    finally:
+        torch.set_num_threads(previous_threads)
+    report["elapsed_s"] = round(time.perf_counter() - started, 1)
+    return report
+
+
+def _run_one(
+    spec: ModelSpec,
+    weights: _Weights,
+    dtype: torch.dtype,
+    batch: int,
+    mode: str,
+    settings: BenchSettings,
+    with_tf: bool,
+    say: Callable[[str], None],
+    tag: str,
+    started: float,
+) -> dict:
+    generator = torch.Generator().manual_seed(settings.seed + 3)
+    pixels = torch.randn(batch, 3, settings.input_size, settings.input_size, generator=generator)
+    pixels = pixels.to(device=settings.device, dtype=dtype)
+    norm_weights = {k: v for k, v in weights.transformers.items() if k.startswith("hidden_states_norms.")}
+    indices = settings.stages if settings.stages is not None else range(len(weights.stage_names))
+    warmup = max(settings.warmup, 2) if mode == "compile" else settings.warmup
+    stages = []
+    for index in indices:
+        if not 0 <= index < len(weights.stage_names):
+            raise ValueError(f"stage {index} out of range; {spec.key} has stages 0..{len(weights.stage_names) - 1}")
+        name = weights.stage_names[index]
+        models = _build_contenders(spec, weights, index, dtype, settings, with_tf)
+        runners = {n: (torch.compile(m) if mode == "compile" else m) for n, m in models.items()}
+        with torch.inference_mode():
+            outputs = {n: runners[n](pixels).feature_maps[0] for n in runners}
+            calls = {n: (lambda r=r: r(pixels)) for n, r in runners.items()}
+            times = time_interleaved(calls, settings.repeats, warmup, settings.device)
+            memory = {n: peak_memory(c, settings.device) for n, c in calls.items()} if settings.memory else {}
+        reference = None
+        if "timm" in outputs:
+            reference = _timm_as_native(spec, name, outputs["timm"], norm_weights)
+        native = outputs["native"]
+        medians = {n: statistics.median(t) for n, t in times.items()}
+        stage = {
+            "index": index,
+            "name": name,
+            "timm_stage": models["timm"].stage_names[_timm_stage(spec, index)] if "timm" in models else None,
+            "shape": list(native.shape),
+            "max_abs_diff": {
+                "timm": _max_abs_diff(native, reference),
+                "transformers": _max_abs_diff(native, outputs.get("transformers")),
+            },
+            "latency_ms": {n: round(t * 1e3, 3) for n, t in medians.items()},
+            "latency_ms_all": {n: [round(v * 1e3, 3) for v in t] for n, t in times.items()},
+            "throughput": {n: round(batch / t, 2) for n, t in medians.items()},
+            "peak_mib": {n: round(b / 2**20, 2) for n, b in memory.items()},
+        }
+        stages.append(stage)
+        del models, runners, calls, outputs
+        lat = "  ".join(f"{n} {v:.2f} ms" for n, v in stage["latency_ms"].items())
+        diff = stage["max_abs_diff"]["timm"]
+        diff_text = f"  max|native-timm| {diff:.2e}" if diff is not None else ""
+        say(f"{tag} {name}: {lat}{diff_text}  ({time.perf_counter() - started:.0f} s)")
+    return {"stages": stages}
+
+
+# reporting -------------------------------------------------------------------------------------------------------
+def _cell(values: dict[str, Any], names: Sequence[str], fmt: str) -> str:
+    return " / ".join(format(values[n], fmt) if values.get(n) is not None else "–" for n in names)
+
+
+def markdown_report(report: dict) -> str:
+    """The report as markdown: the machine line, then one table per run."""
+    m = report["machine"]
+    contenders = report["settings"]["contenders"]
+    lines = [
+        f"Machine: {m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads, {m['device']}); "
+        f"torch {m['torch']}, timm {m['timm']}, transformers {m['transformers'] or 'not installed'}; "
+        f"median of {report['settings']['repeats']} interleaved repeats.",
+        "",
+    ]
+    order = " / ".join(contenders)
+    for run in report["runs"]:
+        lines.append(
+            f"**{run['model']}** ({run['timm_name']}), {run['dtype']}, batch {run['batch']}, "
+            f"{run['input_size']}x{run['input_size']}, {run['mode']}"
+        )
+        lines.append("")
+        lines.append(
+            f"| stage | shape | latency ms ({order}) | native speed-up vs timm | images/s ({order}) | "
+            f"peak MiB ({order}) | max abs diff native vs timm | vs transformers |"
+        )
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for s in run["stages"]:
+            lat = s["latency_ms"]
+            ratio = f"{lat['timm'] / lat['native']:.2f}x" if "timm" in lat else "–"
+            diffs = [s["max_abs_diff"][n] for n in ("timm", "transformers")]
+            diff_cells = [f"{d:.1e}" if d is not None else "–" for d in diffs]
+            shape = "x".join(str(v) for v in s["shape"][1:])
+            lines.append(
+                f"| {s['index']} {s['name']} | {shape} | {_cell(lat, contenders, '.2f')} | {ratio} | "
+                f"{_cell(s['throughput'], contenders, '.1f')} | {_cell(s['peak_mib'], contenders, '.1f')} | "
+                f"{diff_cells[0]} | {diff_cells[1]} |"
+            )
+        lines.append("")
+    notes = {run["family"]: run["comparison"] for run in report["runs"]}
+    lines.extend(f"- {family}: {text}." for family, text in sorted(notes.items()))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+_COLORS = {"timm": (66, 133, 244), "native": (219, 68, 55), "transformers": (244, 180, 0)}
+
+
+def chart(report: dict, width: int = 900, panel_height: int = 260) -> Any:
+    """A bar chart (Pillow) of the cumulative latency per stage: one panel per run, one bar per contender."""
+    from PIL import Image, ImageDraw
+
+    from .visualize import _font
+
+    runs = report["runs"]
+    contenders = report["settings"]["contenders"]
+    title_font, font, small = _font(16), _font(12), _font(10)
+    top = 56
+    height = top + max(len(runs), 1) * panel_height + 10
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    m = report["machine"]
+    draw.text(
+        (12, 8), "cumulative latency up to each stage (ms, median; lower is better)", fill=(20, 20, 20), font=title_font
+    )
+    draw.text(
+        (12, 30),
+        f"{m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}, timm {m['timm']}",
+        fill=(110, 110, 110),
+        font=small,
+    )
+    x = width - 12
+    for name in reversed(contenders):
+        label_w = draw.textlength(name, font=font)
+        x -= label_w + 22
+        draw.rectangle((x, 12, x + 14, 26), fill=_COLORS[name])
+        draw.text((x + 18, 12), name, fill=(20, 20, 20), font=font)
+    left, right = 64, width - 16
+    for p, run in enumerate(runs):
+        y0 = top + p * panel_height
+        plot_top, plot_bottom = y0 + 24, y0 + panel_height - 36
+        draw.text(
+            (left, y0 + 2),
+            f"{run['model']}  {run['dtype']}  batch {run['batch']}  {run['mode']}",
+            fill=(20, 20, 20),
+            font=font,
+        )
+        peak = max((v for s in run["stages"] for v in s["latency_ms"].values()), default=1.0) or 1.0
+        for frac in (0.0, 0.5, 1.0):
+            y = plot_bottom - frac * (plot_bottom - plot_top)
+            draw.line((left, y, right, y), fill=(225, 225, 225))
+            draw.text((8, y - 6), f"{peak * frac:.1f}", fill=(110, 110, 110), font=small)
+        group_w = (right - left) / max(len(run["stages"]), 1)
+        bar_w = group_w * 0.8 / len(contenders)
+        for g, stage in enumerate(run["stages"]):
+            gx = left + g * group_w + group_w * 0.1
+            for c, name in enumerate(contenders):
+                value = stage["latency_ms"].get(name)
+                bx = gx + c * bar_w
+                if value is None:
+                    draw.text((bx + 2, plot_bottom - 14), "n/a", fill=(150, 150, 150), font=small)
+                    continue
+                by = plot_bottom - value / peak * (plot_bottom - plot_top)
+                draw.rectangle((bx, by, bx + bar_w - 2, plot_bottom), fill=_COLORS[name])
+                draw.text((bx, by - 12), f"{value:.1f}", fill=(60, 60, 60), font=small)
+            label = f"{stage['index']} {stage['name']}"
+            label_w = draw.textlength(label, font=font)
+            draw.text(
+                (left + g * group_w + (group_w - label_w) / 2, plot_bottom + 6), label, fill=(20, 20, 20), font=font
+            )
+    return canvas
+
+
+def write_outputs(report: dict, output_dir: str | os.PathLike, stem: str = "stage_bench") -> dict[str, str]:
+    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` into ``output_dir``; return the paths."""
+    from .hub import atomic_write
+
+    os.makedirs(output_dir, exist_ok=True)
+    paths = {ext: os.path.join(output_dir, f"{stem}.{ext}") for ext in ("json", "md", "png")}
+    with atomic_write(paths["json"], "w") as f:
+        json.dump(report, f, indent=1)
+    with atomic_write(paths["md"], "w") as f:
+        f.write(markdown_report(report))
+    with atomic_write(paths["png"]) as f:
+        chart(report).save(f, format="PNG")
+    return paths
+
+
+# command line ----------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark's options, shared by ``timm-backbone bench`` and ``benchmarks/stage_bench.py``."""
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=list(QUICK_MODELS),
+        choices=list(MODELS),
+        metavar="MODEL",
+        help=f"models to run (default: {' '.join(QUICK_MODELS)}; choices: {' '.join(MODELS)})",
+    )
+    parser.add_argument("--all-models", action="store_true", help="run every model: " + " ".join(MODELS))
+    parser.add_argument("--batch", nargs="+", type=int, default=[1], help="batch sizes (default 1)")
+    parser.add_argument("--dtype", nargs="+", default=["fp32"], choices=list(DTYPES), help="dtypes (default fp32)")
+    parser.add_argument("--compile", action="store_true", help="also run each contender under torch.compile")
+    parser.add_argument("--size", type=int, default=224, help="input size in pixels (default 224)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per contender (default 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default 1)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's setting)")
+    parser.add_argument("--stages", type=int, nargs="+", default=None, help="native stage indices (default all)")
+    parser.add_argument("--no-transformers", action="store_true", help="leave transformers' backbones out")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--output", default="stage_bench", help="folder for the JSON, markdown and PNG")
+
+
+def settings_from_args(args: argparse.Namespace) -> BenchSettings:
+    return BenchSettings(
+        models=list(MODELS) if args.all_models else list(args.models),
+        batch_sizes=list(args.batch),
+        dtypes=list(args.dtype),
+        modes=["eager", "compile"] if args.compile else ["eager"],
+        input_size=args.size,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        device=args.device,
+        threads=args.threads,
+        stages=args.stages,
+        transformers=not args.no_transformers,
+        memory=not args.no_memory,
+    )
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run, write the three files, print the markdown table; the command-line entry point."""
+    report = run_benchmark(settings_from_args(args))
+    paths = write_outputs(report, args.output)
+    print(markdown_report(report))
+    print(f"wrote {paths['json']}, {paths['md']} and {paths['png']}")
+    return 0
