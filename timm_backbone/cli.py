@@ -92,15 +92,31 @@ def to_pixel_values(image: Any, size: int) -> torch.Tensor:
     return ((array - mean) / std)[None]
 
 
+def image_processor(src: str) -> Any:
+    """The model's own image processor (``preprocessor_config.json`` or timm's pretrained config), or ``None``."""
+    from .auto import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(src)
+    except (OSError, ValueError):
+        return None
+
+
 def cmd_features(args: argparse.Namespace) -> int:
     model = build_backbone(args.model, args.out_indices, pretrained=args.pretrained)
-    image = load_image(args.image, args.size)
-    pixel_values = to_pixel_values(image, args.size)
+    processor = image_processor(args.model) if args.size is None else None
+    size = args.size or 224
+    image = load_image(args.image, size)
+    if processor is not None:
+        pixel_values = processor(image, return_tensors="pt")["pixel_values"]
+    else:
+        pixel_values = to_pixel_values(image, size)
     with torch.inference_mode():
         outputs = model(pixel_values)
-    source = args.image or f"generated {args.size}x{args.size} test image"
+    source = args.image or f"generated {size}x{size} test image"
     weights = "pretrained" if args.pretrained else "random"
-    print(f"{args.model} ({type(model).__name__}, {weights} weights) on {source}")
+    how = f", preprocessed by {type(processor).__name__}" if processor is not None else ""
+    print(f"{args.model} ({type(model).__name__}, {weights} weights) on {source}{how}")
     for name, index, fmap in zip(model.out_features, model.out_indices, outputs.feature_maps):
         print(f"  [{index}] {name}: {list(fmap.shape)}  stride {model.stage_strides[index]}")
     if getattr(args, "save", None):
@@ -153,7 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("features", help="run a backbone on an image and print each stage's feature-map shape")
     p.add_argument("model", help="a timm name (resnet50), a folder, or a hub id")
     p.add_argument("--image", default=None, help="image file (default: a generated test picture)")
-    p.add_argument("--size", type=int, default=224, help="input size in pixels (default 224)")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="resize to SIZE x SIZE with ImageNet statistics (default: the model's image processor, else 224)",
+    )
     p.add_argument(
         "--out-indices",
         type=_indices,
