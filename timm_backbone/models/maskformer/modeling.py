@@ -377,7 +377,7 @@ class _MaskFormerWeights:
         backbone = self._backbone()
         saved = backbone.state_dict_for_save() if hasattr(backbone, "state_dict_for_save") else backbone.state_dict()
         if getattr(backbone.config, "model_type", "") in ("swin", "maskformer-swin"):
-            saved = swin_to_maskformer_layout(saved, backbone.num_features[-1])
+            saved = swin_to_maskformer_layout(saved, backbone)
         out.update({self.encoder_prefix + k: v for k, v in saved.items()})
         return out
 
@@ -404,20 +404,27 @@ class _MaskFormerWeights:
         return PreTrainedModel.load_checkpoint(self, rest, strict=strict, source=source)
 
 
-def swin_to_maskformer_layout(state_dict: dict[str, torch.Tensor], last_channels: int) -> dict[str, torch.Tensor]:
+def swin_to_maskformer_layout(state_dict: dict[str, torch.Tensor], backbone: nn.Module) -> dict[str, torch.Tensor]:
     """transformers' ``SwinBackbone`` keys -> ``MaskFormerSwinBackbone`` keys (what transformers' MaskFormer reads):
-    ``model.`` before the Swin itself, per-stage norms numbered from 0 for stage1. The Swin's final ``layernorm``,
-    which no backbone output goes through, is written at its initial value so that the file is complete."""
+    ``model.`` before the Swin itself, per-stage norms numbered from 0 for stage1. The buffers and the final
+    ``layernorm`` that file holds but no backbone output depends on are written too (the relative position indices,
+    the norm at its initial value), so that transformers finds a complete file."""
+    from ..swin import _relative_position_index
+
+    window = backbone.config.window_size
     out = {}
     for key, value in state_dict.items():
         norm = re.match(r"^hidden_states_norms\.stage(\d+)\.(.+)$", key)
         if norm:
             out[f"hidden_states_norms.{int(norm[1]) - 1}.{norm[2]}"] = value
-        else:
-            out["model." + key] = value
-    reference = next(iter(state_dict.values()))
-    out.setdefault("model.layernorm.weight", torch.ones(last_channels, dtype=reference.dtype))
-    out.setdefault("model.layernorm.bias", torch.zeros(last_channels, dtype=reference.dtype))
+            continue
+        out["model." + key] = value
+        if key.endswith(".relative_position_bias_table"):
+            index_key = "model." + key.replace("relative_position_bias_table", "relative_position_index")
+            out[index_key] = _relative_position_index((window, window), window).clone()
+    channels, dtype = backbone.num_features[-1], next(iter(state_dict.values())).dtype
+    out.setdefault("model.layernorm.weight", torch.ones(channels, dtype=dtype))
+    out.setdefault("model.layernorm.bias", torch.zeros(channels, dtype=dtype))
     return out
 
 
