@@ -335,3 +335,44 @@ def test_cli_features_uses_the_models_processor(tmp_path, capsys):
     assert main(["features", str(tmp_path), "--out-indices", "1", "--size", "64"]) == 0
     out = capsys.readouterr().out
     assert "preprocessed by" not in out and "[1] layer1: [1, 64, 16, 16]" in out
+
+
+# --------------------------------------------------------------------------------------------- task checkpoints
+def test_maskformer_checkpoint_gives_its_backbone(tmp_path):
+    from timm_backbone import MaskFormerConfig, MaskFormerForInstanceSegmentation
+
+    config = MaskFormerConfig(backbone_config=TimmBackboneConfig("resnet10t"), num_labels=3)
+    torch.manual_seed(3)
+    task = MaskFormerForInstanceSegmentation(config).eval()
+    task.save_pretrained(tmp_path)
+    backbone = AutoBackbone.from_pretrained(tmp_path)
+    assert type(backbone) is TimmBackbone and backbone.load_report.ok
+    encoder = task.model.pixel_level_module.encoder
+    assert backbone.out_indices == encoder.out_indices
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for got, want in zip(backbone(x).feature_maps, encoder(x).feature_maps):
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert AutoBackbone.from_pretrained(tmp_path, out_indices=[-1]).out_features == ["layer4"]
+
+
+@needs_swin
+def test_transformers_maskformer_swin_checkpoint_gives_swin_backbone(tmp_path):
+    swin = transformers.MaskFormerSwinConfig(
+        embed_dim=24, depths=[1, 1, 1, 1], num_heads=[1, 2, 3, 4], out_features=["stage1", "stage2", "stage3", "stage4"]
+    )
+    config = transformers.MaskFormerConfig(
+        backbone_config=swin, num_labels=3, fpn_feature_size=32, mask_feature_size=32
+    )
+    config.decoder_config.d_model = 32
+    torch.manual_seed(4)
+    theirs = transformers.MaskFormerForInstanceSegmentation(config).eval()
+    theirs.save_pretrained(tmp_path)
+    backbone = AutoBackbone.from_pretrained(tmp_path)
+    assert type(backbone) is SwinBackbone and backbone.out_features == ["stage1", "stage2", "stage3", "stage4"]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = theirs.model.pixel_level_module.encoder(x).feature_maps
+        got = backbone(x).feature_maps
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)

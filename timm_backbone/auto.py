@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .configuration import PretrainedConfig, pop_hub_kwargs
 from .hub import CONFIG_NAME, looks_like_repo_id, read_json, resolve_file
 from .image_processing import PROCESSOR_NAME
@@ -25,6 +27,9 @@ BACKBONE_MAPPING: dict[str, type] = {}
 IMAGE_PROCESSOR_MAPPING: dict[str, type | str] = {}
 # model_type -> processor class name, for preprocessor configs that name no class
 PROCESSOR_FOR_MODEL_TYPE: dict[str, str] = {}
+
+# task model_type -> the key fragment before its backbone's weights in its checkpoints; AutoBackbone gives that backbone
+TASK_BACKBONE_PREFIXES: dict[str, str] = {"maskformer": "pixel_level_module.encoder."}
 
 _BUILTINS_DONE = False
 
@@ -190,6 +195,11 @@ def _config_class(model_type: str | None) -> type[PretrainedConfig] | None:
     return None
 
 
+def _is_backbone_config(config: Any) -> bool:
+    _ensure_builtins()
+    return any(isinstance(config, CONFIG_MAPPING[model_type]) for model_type in BACKBONE_MAPPING)
+
+
 def _is_timm_repo_config(config_dict: dict[str, Any]) -> bool:
     """A timm hub repo's config.json: ``architecture`` (+ ``pretrained_cfg``), and no transformers model_type."""
     return "architecture" in config_dict and "model_type" not in config_dict
@@ -322,12 +332,49 @@ class AutoBackbone:
             return TimmBackbone.from_pretrained(source.name, **load_kwargs, **hub_kwargs, **kwargs)
         config = load_kwargs.pop("config", None)
         if config is None:
-            config = AutoConfig.from_dict(config_dict, **kwargs)
+            model_type = config_dict.get("model_type")
+            if model_type in TASK_BACKBONE_PREFIXES and kwargs:  # the overrides are the backbone's
+                config = AutoConfig.from_dict(config_dict)
+            else:
+                config = AutoConfig.from_dict(config_dict, **kwargs)
+                kwargs = {}
             config.name_or_path = source.name
-        elif kwargs:
+        if config.model_type in TASK_BACKBONE_PREFIXES and not _is_backbone_config(config):
+            return AutoBackbone._from_task_checkpoint(source, config, kwargs, load_kwargs)
+        if kwargs:
             config = type(config).from_dict(config.to_dict(), **kwargs)
         cls = AutoBackbone.backbone_class(config)
         return cls.from_pretrained(source.name, config=config, **load_kwargs, **hub_kwargs)
+
+    @staticmethod
+    def _from_task_checkpoint(
+        source: Source, config: PretrainedConfig, overrides: dict[str, Any], load_kwargs: dict[str, Any]
+    ) -> Any:
+        """The backbone inside a task model's checkpoint (MaskFormer): ``config.backbone_config`` with the weights
+        found under the task's backbone prefix, through the backbone's own key mapping."""
+        from .hub import WEIGHT_FILE_NAMES, load_weights, resolve_weights
+
+        backbone_config = getattr(config, "backbone_config", None)
+        if not _is_backbone_config(backbone_config):
+            raise ValueError(
+                f"{source.describe()} ({config.model_type}) has no backbone_config to build a backbone from"
+            )
+        backbone_config = type(backbone_config).from_dict(backbone_config.to_dict(), **overrides)
+        model = AutoBackbone.from_config(backbone_config)
+        weights = resolve_weights(source.name, **source.hub_kwargs)
+        if weights is None:
+            raise OSError(f"{source.describe()} has none of the weight files {list(WEIGHT_FILE_NAMES)}")
+        prefix = TASK_BACKBONE_PREFIXES[config.model_type]
+        state_dict = load_weights(weights, src=source.name, **source.hub_kwargs)
+        # keys such as "model.pixel_level_module.encoder.<backbone key>", with or without the task's "model."
+        encoder = {key.partition(prefix)[2]: value for key, value in state_dict.items() if prefix in key}
+        if not encoder:
+            raise OSError(f"{weights} holds no backbone weights (no keys containing {prefix!r})")
+        model.load_checkpoint(encoder, strict=load_kwargs.get("strict", False), source=str(weights))
+        dtype = load_kwargs.get("torch_dtype") or load_kwargs.get("dtype")
+        if dtype is not None:
+            model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        return model.eval()
 
 
 class AutoImageProcessor:
