@@ -47,6 +47,10 @@ VIT_MODERN = {
 }
 CONVNEXT_LARGE = {"image_processor_type": "ConvNextImageProcessor", "size": {"shortest_edge": 384}, "resample": 3}
 CONVNEXT_SMALL = {"image_processor_type": "ConvNextImageProcessor", "size": {"shortest_edge": 96}, "crop_pct": 0.9}
+# resize + centre crop families, with their class defaults for everything the file leaves out
+DEIT = {"image_processor_type": "DeiTImageProcessor", "size": {"height": 72, "width": 72}, "crop_size": 64}
+CLIP = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 64}, "crop_size": 56}
+BIT = {"image_processor_type": "BitImageProcessor", "size": 80, "crop_size": {"height": 64, "width": 72}}
 
 SIZES = [(61, 97), (150, 100)]  # upscaling and downscaling, odd margins
 
@@ -101,6 +105,9 @@ def _reference(config: dict, backend: str):
         ("ViT", "pil"): ViTImageProcessorPil,
         ("ConvNext", "torchvision"): transformers.ConvNextImageProcessor,
         ("ConvNext", "pil"): ConvNextImageProcessorPil,
+        ("DeiT", "torchvision"): transformers.DeiTImageProcessor,
+        ("CLIP", "torchvision"): transformers.CLIPImageProcessor,
+        ("Bit", "torchvision"): transformers.BitImageProcessor,
     }
     kwargs = {k: v for k, v in config.items() if k not in ("image_processor_type", "feature_extractor_type")}
     return classes[name, backend](**kwargs, do_convert_rgb=True)
@@ -115,13 +122,17 @@ PARITY_CASES = [
     (CONVNEXT_SMALL, KINDS, SIZES),
     (CONVNEXT_LARGE, ["pil", "numpy_float"], SIZES[:1]),
 ]
+PARITY_CASES = [(*case, backend) for case in PARITY_CASES for backend in ("torchvision", "pil")] + [
+    # the resize + crop families share every operation with the above: compared on the default backend
+    (config, ["pil", "pil_rgba", "numpy_gray", "torch_float"], SIZES, "torchvision")
+    for config in (DEIT, CLIP, BIT)
+]
 
 
-@pytest.mark.parametrize("backend", ["torchvision", "pil"])
 @pytest.mark.parametrize(
-    "config, kinds, sizes",
+    "config, kinds, sizes, backend",
     PARITY_CASES,
-    ids=[f"{c.get('feature_extractor_type', c.get('image_processor_type'))}-{k[0]}" for c, k, _ in PARITY_CASES],
+    ids=[f"{c.get('feature_extractor_type', c.get('image_processor_type'))}-{k[0]}-{b}" for c, k, _, b in PARITY_CASES],
 )
 def test_parity_with_transformers(tmp_path, config, kinds, sizes, backend):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))

@@ -6,7 +6,10 @@ from .configuration import PretrainedConfig
 from .image_processing import (
     BaseImageProcessor,
     BatchFeature,
+    BitImageProcessor,
+    CLIPImageProcessor,
     ConvNextImageProcessor,
+    DeiTImageProcessor,
     TimmImageProcessor,
     ViTImageProcessor,
 )
@@ -33,7 +36,10 @@ __all__ = [
     "BackboneOutput",
     "BaseImageProcessor",
     "BatchFeature",
+    "BitImageProcessor",
+    "CLIPImageProcessor",
     "ConvNextImageProcessor",
+    "DeiTImageProcessor",
     "LoadReport",
     "MaskFormerConfig",
     "MaskFormerForInstanceSegmentation",

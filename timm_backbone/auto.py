@@ -87,8 +87,18 @@ def _ensure_builtins() -> None:
 
 
 def _register_processors() -> None:
-    from .image_processing import ConvNextImageProcessor, TimmImageProcessor, ViTImageProcessor
+    from .image_processing import (
+        BitImageProcessor,
+        CLIPImageProcessor,
+        ConvNextImageProcessor,
+        DeiTImageProcessor,
+        TimmImageProcessor,
+        ViTImageProcessor,
+    )
 
+    register_image_processor("DeiTImageProcessor", DeiTImageProcessor, ("deit",), True)
+    register_image_processor("CLIPImageProcessor", CLIPImageProcessor, ("clip", "clip_vision_model"), True)
+    register_image_processor("BitImageProcessor", BitImageProcessor, ("bit", "dinov2"), True)
     register_image_processor("ViTImageProcessor", ViTImageProcessor, ("vit", "swin", "maskformer-swin"), True)
     register_image_processor("ConvNextImageProcessor", ConvNextImageProcessor, ("convnext", "resnet"), True)
     register_image_processor("TimmImageProcessor", TimmImageProcessor, ("timm_backbone", "timm_wrapper"), True)

@@ -58,7 +58,10 @@ __all__ = [
     "RESAMPLE_NAMES",
     "BaseImageProcessor",
     "BatchFeature",
+    "BitImageProcessor",
+    "CLIPImageProcessor",
     "ConvNextImageProcessor",
+    "DeiTImageProcessor",
     "TimmImageProcessor",
     "ViTImageProcessor",
     "center_crop",
@@ -354,6 +357,40 @@ class ViTImageProcessor(BaseImageProcessor):
     """
 
     processor_type = "ViTImageProcessor"
+
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class DeiTImageProcessor(BaseImageProcessor):
+    """Fixed-size resize (256 px by default) then a centre crop (224 px): DeiT-style repos."""
+
+    processor_type = "DeiTImageProcessor"
+    size: ClassVar[Any] = {"height": 256, "width": 256}
+    resample: ClassVar[Any] = 3
+    do_center_crop = True
+    crop_size: ClassVar[Any] = {"height": 224, "width": 224}
+
+
+class CLIPImageProcessor(BaseImageProcessor):
+    """Shortest edge to ``size`` then a centre crop, with CLIP's statistics: CLIP and BiT/DINOv2-style repos
+    (``BitImageProcessor`` is the same pipeline)."""
+
+    processor_type = "CLIPImageProcessor"
+    default_to_square = False
+    size: ClassVar[Any] = {"shortest_edge": 224}
+    resample: ClassVar[Any] = 3
+    do_center_crop = True
+    crop_size: ClassVar[Any] = {"height": 224, "width": 224}
+    image_mean: ClassVar[Any] = OPENAI_CLIP_MEAN
+    image_std: ClassVar[Any] = OPENAI_CLIP_STD
+
+
+class BitImageProcessor(CLIPImageProcessor):
+    """BiT and DINOv2 repos: :class:`CLIPImageProcessor`'s pipeline and defaults under transformers' name."""
+
+    processor_type = "BitImageProcessor"
 
 
 class ConvNextImageProcessor(BaseImageProcessor):
