@@ -202,8 +202,23 @@ class BackboneMixin:
             for name, i in zip(self.out_features, self.out_indices)
         }
 
-    def check_pixel_values(self, pixel_values: Any) -> None:
-        """Raise a clear error for input that is not a float NCHW batch with the expected channels."""
+    @property
+    def min_input_size(self) -> int:
+        """Smallest height and width the forward pass accepts: the stride of the deepest selected stage."""
+        return self.stage_strides[max(self.out_indices)]
+
+    def check_pixel_values(self, pixel_values: Any, min_size: int | None = None) -> None:
+        """Raise a clear error for input that the backbone cannot run.
+
+        Args:
+            pixel_values: The forward pass's input.
+            min_size: Smallest height and width; defaults to :attr:`min_input_size`, the stride of the deepest
+                selected stage (smaller images would leave that stage nothing but padding).
+
+        Raises:
+            TypeError: not a tensor, not floating point, or a dtype other than the weights' (outside autocast).
+            ValueError: not 4-D, the wrong channel count, or smaller than ``min_size``.
+        """
         expected = self.config.num_channels
         if not isinstance(pixel_values, torch.Tensor):
             raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
@@ -221,4 +236,23 @@ class BackboneMixin:
             raise ValueError(
                 f"pixel_values has {pixel_values.shape[1]} channels but the backbone expects {expected} "
                 f"(shape {tuple(pixel_values.shape)}; channels come second, NCHW)"
+            )
+        min_size = self.min_input_size if min_size is None else min_size
+        height, width = pixel_values.shape[-2:]
+        if height < min_size or width < min_size:
+            raise ValueError(
+                f"pixel_values is {height}x{width} (height x width), smaller than the minimum {min_size}x{min_size}: "
+                f"the deepest selected stage {self.stage_names[max(self.out_indices)]!r} has stride "
+                f"{self.stage_strides[max(self.out_indices)]}; resize or pad the images, or select shallower stages"
+            )
+        weight = next(self.parameters(), None) if isinstance(self, torch.nn.Module) else None
+        if (
+            weight is not None
+            and weight.is_floating_point()
+            and pixel_values.dtype != weight.dtype
+            and not torch.is_autocast_enabled(pixel_values.device.type)
+        ):
+            raise TypeError(
+                f"pixel_values is {pixel_values.dtype} but the weights are {weight.dtype}; convert the input with "
+                f".to({weight.dtype}), the model with .to({pixel_values.dtype}), or run under torch.autocast"
             )

@@ -199,6 +199,21 @@ def _stage_info(arch: str, kwargs: dict[str, Any], features_only: bool) -> list[
     return [dict(d) for d in info]
 
 
+def _input_size_rule(model: nn.Module) -> tuple[str, tuple[int, int]] | None:
+    """What timm's input patch embedding asserts about the image size: ``("fixed", img_size)`` for a strict size,
+    ``("multiple", patch_size)`` when sizes must divide into patches, ``None`` when any size runs."""
+    for module in model.modules():
+        img_size = getattr(module, "img_size", None)
+        if img_size is None or not hasattr(module, "strict_img_size"):
+            continue
+        if module.strict_img_size:
+            return "fixed", tuple(img_size)
+        if not getattr(module, "dynamic_img_pad", False) and hasattr(module, "patch_size"):
+            return "multiple", tuple(module.patch_size)
+        return None
+    return None
+
+
 class TimmBackbone(BackboneMixin, PreTrainedModel):
     """A timm model behind the backbone API: ``feature_maps`` NCHW, stages named as timm's ``feature_info``.
 
@@ -239,6 +254,7 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
         self._getter = self._backbone.model if isinstance(self._backbone, FeatureGetterNet) else None
         if not config.features_only:
             self._getter = self._backbone
+        self._size_rule = _input_size_rule(self._backbone)
 
     def forward(
         self,
@@ -259,26 +275,56 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
             raise ValueError("timm backbones cannot return attentions; use a native backbone (SwinBackbone)")
         self.check_pixel_values(pixel_values)
         wanted = self._held if output_hidden_states else tuple(self.out_indices)
-        if self._getter is not None:
-            features = self._getter.forward_intermediates(
-                pixel_values,
-                indices=list(wanted),
-                norm=getattr(self._backbone, "norm", False),
-                output_fmt="NCHW",
-                intermediates_only=True,
-            )
-            by_stage = dict(zip(wanted, features))
-        else:
-            features = self._backbone(pixel_values)
-            if isinstance(features, dict):
-                features = list(features.values())
-            by_stage = dict(zip(self._held, features))
+        empty = pixel_values.shape[0] == 0
+        if empty:  # timm's ViTs cannot reshape an empty batch: run one blank image and keep none of it
+            pixel_values = pixel_values.new_zeros(1, *pixel_values.shape[1:])
+        try:
+            if self._getter is not None:
+                features = self._getter.forward_intermediates(
+                    pixel_values,
+                    indices=list(wanted),
+                    norm=getattr(self._backbone, "norm", False),
+                    output_fmt="NCHW",
+                    intermediates_only=True,
+                )
+                by_stage = dict(zip(wanted, features))
+            else:
+                features = self._backbone(pixel_values)
+                if isinstance(features, dict):
+                    features = list(features.values())
+                by_stage = dict(zip(self._held, features))
+        except AssertionError as err:  # timm checks input sizes with asserts
+            raise ValueError(
+                f"timm model {self.config.backbone!r} rejected pixel_values of shape {tuple(pixel_values.shape)}: {err}"
+            ) from err
         if self._nhwc:
             by_stage = {i: f.permute(0, 3, 1, 2) for i, f in by_stage.items()}
+        if empty:
+            by_stage = {i: f[:0] for i, f in by_stage.items()}
         feature_maps = tuple(by_stage[i] for i in self.out_indices)
         hidden_states = tuple(by_stage[i] for i in self._held) if output_hidden_states else None
         output = BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states)
         return output if return_dict is not False else output.to_tuple()
+
+    def check_pixel_values(self, pixel_values: Any, min_size: int | None = None) -> None:
+        """The base checks, plus the fixed or patch-multiple image size that timm's patch embedding requires."""
+        super().check_pixel_values(pixel_values, min_size)
+        if self._size_rule is None:
+            return
+        kind, (rule_h, rule_w) = self._size_rule
+        height, width = pixel_values.shape[-2:]
+        if kind == "fixed" and (height, width) != (rule_h, rule_w):
+            raise ValueError(
+                f"timm model {self.config.backbone!r} takes {rule_h}x{rule_w} images only, got {height}x{width}; "
+                f"resize the input, or build it for another size with model_args={{'img_size': ...}} (or "
+                f"'dynamic_img_size': True where timm supports it)"
+            )
+        if kind == "multiple" and (height % rule_h or width % rule_w):
+            raise ValueError(
+                f"timm model {self.config.backbone!r} needs height and width divisible by its patch size "
+                f"{rule_h}x{rule_w}, got {height}x{width}; resize or pad the input (or pass "
+                f"model_args={{'dynamic_img_pad': True}})"
+            )
 
     # loading ------------------------------------------------------------------------------------------------------
     @classmethod
@@ -312,6 +358,8 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
             if "architecture" in file_config and file_config.get("model_type") != "timm_backbone":
                 return cls._from_timm_repo(src, config, kwargs, hub_kwargs, file_config)
             return super().from_pretrained(src, config=config, strict=strict, **hub_kwargs, **kwargs)
+        if "/" in src or os.sep in src or src.startswith((".", "~")):
+            raise OSError(f"{src!r} is not an existing folder or file, nor a hub repo id ('org/name') or timm name")
         check_timm_name(src)
         return cls._from_timm_name(src, config, kwargs, hub_kwargs)
 
@@ -364,7 +412,12 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
         config = config or TimmBackboneConfig(backbone=name, **kwargs)
         if not config.use_pretrained_backbone:
             return cls(config).eval()
-        pretrained_cfg = timm.models.get_pretrained_cfg(name)
+        try:
+            pretrained_cfg = timm.models.get_pretrained_cfg(name)
+        except RuntimeError as err:  # an unknown tag
+            arch, _ = _split_name(name)
+            tags = ", ".join(timm.list_pretrained(f"{arch}.*")) or "none"
+            raise ValueError(f"timm has no pretrained weights {name!r}; valid names with tags: {tags}") from err
         if pretrained_cfg is None:
             raise ValueError(f"timm has no pretrained weights registered for {name!r}")
         hub_id = pretrained_cfg.hf_hub_id
