@@ -153,6 +153,8 @@ def load_weights(path: str | os.PathLike, src: str | os.PathLike | None = None, 
             raise OSError(f"{path} has no 'weight_map' object; it is not a sharded checkpoint index")
         state_dict: dict[str, torch.Tensor] = {}
         for shard in sorted(set(weight_map.values())):
+            if not isinstance(shard, str) or os.path.isabs(shard) or ".." in Path(shard).parts:
+                raise OSError(f"{path} names the shard {shard!r}, which is not a file inside the checkpoint folder")
             shard_path = resolve_file(src if src is not None else path.parent, shard, **hub_kwargs)
             if shard_path is None:
                 raise OSError(f"shard {shard!r} named in {path} was not found")
@@ -198,10 +200,36 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
         raise
 
 
-def save_safetensors_atomic(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict) -> None:
+def atomic_write_files(files: dict[Path, bytes]) -> None:
+    """Write several files as one save: every file is written and synced beside its target before any is moved into
+    place, so a failure while writing (a full disk, a crash) leaves all the previous files as they were."""
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, data in files.items():
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            staged.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        raise
+
+
+def safetensors_bytes(state_dict: dict[str, torch.Tensor], metadata: dict) -> bytes:
+    """A state dict serialised in the safetensors format."""
     from safetensors.torch import save
 
     # clone: safetensors refuses tensors that share storage (tied or sliced weights)
-    data = save({k: v.detach().cpu().clone().contiguous() for k, v in state_dict.items()}, metadata=metadata)
+    return save({k: v.detach().cpu().clone().contiguous() for k, v in state_dict.items()}, metadata=metadata)
+
+
+def save_safetensors_atomic(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict) -> None:
+    data = safetensors_bytes(state_dict, metadata)
     with atomic_write(path) as f:
         f.write(data)

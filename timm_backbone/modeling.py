@@ -14,7 +14,15 @@ import torch
 from torch import nn
 
 from .configuration import PretrainedConfig, pop_hub_kwargs
-from .hub import SAFE_WEIGHTS_NAME, WEIGHT_FILE_NAMES, load_weights, resolve_weights, save_safetensors_atomic
+from .hub import (
+    CONFIG_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHT_FILE_NAMES,
+    atomic_write_files,
+    load_weights,
+    resolve_weights,
+    safetensors_bytes,
+)
 
 logger = logging.getLogger("timm_backbone")
 
@@ -107,11 +115,19 @@ class PreTrainedModel(nn.Module):
 
     # saving ---------------------------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write ``config.json`` and ``model.safetensors`` to ``save_directory``; each file is replaced atomically."""
+        """Write ``config.json`` and ``model.safetensors`` to ``save_directory``.
+
+        Both files are serialised and written beside their targets before either replaces an existing file, so a
+        failure midway leaves the previous pair intact.
+        """
         save_directory = Path(save_directory)
+        if save_directory.is_file():
+            raise OSError(f"{save_directory} is a file; save_pretrained needs a folder")
         self.config.architectures = [type(self).__name__]
-        self.config.save_pretrained(save_directory)
-        save_safetensors_atomic(self.state_dict_for_save(), save_directory / SAFE_WEIGHTS_NAME, {"format": "pt"})
+        weights = safetensors_bytes(self.state_dict_for_save(), {"format": "pt"})
+        config = self.config.to_json_string().encode("utf-8")
+        save_directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_files({save_directory / SAFE_WEIGHTS_NAME: weights, save_directory / CONFIG_NAME: config})
 
     def state_dict_for_save(self) -> dict[str, torch.Tensor]:
         """The state dict as written to disk (transformers' key names)."""
