@@ -10,7 +10,6 @@ from timm_backbone import benchmark
 from timm_backbone.benchmark import (
     BenchSettings,
     ModelSpec,
-    chart,
     markdown_report,
     peak_memory,
     run_benchmark,
@@ -18,6 +17,7 @@ from timm_backbone.benchmark import (
     write_outputs,
 )
 from timm_backbone.cli import build_parser
+from timm_backbone.visualize import bench_chart
 
 TINY_SWIN = ModelSpec(
     "swin_tiny_test",
@@ -90,7 +90,7 @@ def test_markdown_chart_and_files(report, tmp_path):
     assert "| 0 stem | 16x16x16 | – / " in text  # timm has no Swin stem output
     assert text.count("| 4 stage4 |") == 2
     assert "timm's act1 is max-pooled" in text and "hidden_states_norms" in text
-    picture = chart(report)
+    picture = bench_chart(report)
     assert picture.size == (900, 56 + 2 * 260 + 10)
     paths = write_outputs(report, tmp_path / "out")
     assert json.loads(open(paths["json"]).read()) == json.loads(json.dumps(report))

@@ -1,4 +1,5 @@
-"""Pictures of feature maps: per requested stage, a grid of its most active channels (drawn with Pillow)."""
+"""Pictures drawn with Pillow: feature maps (per requested stage, a grid of its most active channels) and the stage
+benchmark's latency chart."""
 
 from __future__ import annotations
 
@@ -218,3 +219,78 @@ def save_feature_plot(
         raise OSError(f"cannot write {path}: the folder {directory} does not exist")
     with atomic_write(path) as f:
         picture.save(f, format=fmt)
+
+
+_BENCH_COLORS = {"timm": (66, 133, 244), "native": (219, 68, 55), "transformers": (244, 180, 0)}
+
+
+def bench_chart(report: dict, width: int = 900, panel_height: int = 260) -> Any:
+    """The stage benchmark's bar chart: cumulative latency per stage, one panel per run, one bar per contender.
+
+    Args:
+        report: What :func:`timm_backbone.benchmark.run_benchmark` returns.
+        width: Picture width in pixels.
+        panel_height: Height of each run's panel.
+
+    Returns:
+        A ``PIL.Image.Image`` (RGB).
+    """
+    from PIL import Image, ImageDraw
+
+    runs = report["runs"]
+    contenders = report["settings"]["contenders"]
+    title_font, font, small = _font(16), _font(12), _font(10)
+    top = 56
+    height = top + max(len(runs), 1) * panel_height + 10
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    m = report["machine"]
+    draw.text(
+        (12, 8), "cumulative latency up to each stage (ms, median; lower is better)", fill=(20, 20, 20), font=title_font
+    )
+    draw.text(
+        (12, 30),
+        f"{m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}, timm {m['timm']}",
+        fill=(110, 110, 110),
+        font=small,
+    )
+    x = width - 12
+    for name in reversed(contenders):
+        label_w = draw.textlength(name, font=font)
+        x -= label_w + 22
+        draw.rectangle((x, 12, x + 14, 26), fill=_BENCH_COLORS[name])
+        draw.text((x + 18, 12), name, fill=(20, 20, 20), font=font)
+    left, right = 64, width - 16
+    for p, run in enumerate(runs):
+        y0 = top + p * panel_height
+        plot_top, plot_bottom = y0 + 24, y0 + panel_height - 36
+        draw.text(
+            (left, y0 + 2),
+            f"{run['model']}  {run['dtype']}  batch {run['batch']}  {run['mode']}",
+            fill=(20, 20, 20),
+            font=font,
+        )
+        peak = max((v for s in run["stages"] for v in s["latency_ms"].values()), default=1.0) or 1.0
+        for frac in (0.0, 0.5, 1.0):
+            y = plot_bottom - frac * (plot_bottom - plot_top)
+            draw.line((left, y, right, y), fill=(225, 225, 225))
+            draw.text((8, y - 6), f"{peak * frac:.1f}", fill=(110, 110, 110), font=small)
+        group_w = (right - left) / max(len(run["stages"]), 1)
+        bar_w = group_w * 0.8 / len(contenders)
+        for g, stage in enumerate(run["stages"]):
+            gx = left + g * group_w + group_w * 0.1
+            for c, name in enumerate(contenders):
+                value = stage["latency_ms"].get(name)
+                bx = gx + c * bar_w
+                if value is None:
+                    draw.text((bx + 2, plot_bottom - 14), "n/a", fill=(150, 150, 150), font=small)
+                    continue
+                by = plot_bottom - value / peak * (plot_bottom - plot_top)
+                draw.rectangle((bx, by, bx + bar_w - 2, plot_bottom), fill=_BENCH_COLORS[name])
+                draw.text((bx, by - 12), f"{value:.1f}", fill=(60, 60, 60), font=small)
+            label = f"{stage['index']} {stage['name']}"
+            label_w = draw.textlength(label, font=font)
+            draw.text(
+                (left + g * group_w + (group_w - label_w) / 2, plot_bottom + 6), label, fill=(20, 20, 20), font=font
+            )
+    return canvas
