@@ -375,7 +375,7 @@ def test_gray_and_rgba_become_rgb():
         ),
         (lambda: MaskFormerImageProcessor()(_images("numpy"), sizee=3), ValueError, r"unknown arguments \['sizee'\]"),
         (lambda: MaskFormerImageProcessor()(_images("numpy"), return_tensors="tf"), ValueError, "return_tensors"),
-        (lambda: MaskFormerImageProcessor()("image.png"), TypeError, "must be a PIL image, numpy array or torch tensor"),
+        (lambda: MaskFormerImageProcessor()("image.png"), TypeError, "must be a PIL image, numpy array"),
         (lambda: MaskFormerImageProcessor()(np.zeros((5, 6, 7), np.uint8)), ValueError, "cannot tell the channel axis"),
         (
             lambda: MaskFormerImageProcessor(pad_size={"height": 8, "width": 8})(_images("numpy")),
@@ -400,3 +400,12 @@ def test_per_call_overrides_do_not_stick():
         24,
     )
     assert proc(_images("numpy"), return_tensors="pt").pixel_values.shape[-2:] == (32, 32)
+
+
+def test_auto_image_processor_reads_legacy_maskformer_files(tmp_path):
+    from timm_backbone import AutoImageProcessor
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(LEGACY))
+    proc = AutoImageProcessor.from_pretrained(tmp_path)
+    assert type(proc) is MaskFormerImageProcessor
+    assert (proc.size_divisor, proc.do_reduce_labels) == (16, True)

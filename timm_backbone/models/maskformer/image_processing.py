@@ -243,13 +243,6 @@ class MaskFormerImageProcessor(BaseImageProcessor):
     def extra_fields(self) -> tuple[str, ...]:
         return self._extra_fields
 
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        # transformers' MaskFormerImageProcessor has a read-only `backend` property and cannot load the key
-        if out.get("backend") == "torchvision":
-            del out["backend"]
-        return out
-
     # preprocessing -------------------------------------------------------------------------------------------------
     def __call__(self, images: Any, segmentation_maps: Any = None, **kwargs: Any) -> BatchFeature:
         return self.preprocess(images, segmentation_maps, **kwargs)
