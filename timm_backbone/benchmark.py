@@ -67,7 +67,10 @@ _TRANSFORMERS_BACKBONES = {"swin": "SwinBackbone", "resnet": "ResNetBackbone"}
 COMPARISON_NOTES = {
     "swin": (
         "native stage k = timm layers.(k-1), compared after applying the native stage norm (hidden_states_norms) "
-        "to timm's output, which timm leaves unnormalised; timm has no stem output"
+        "to timm's output, which timm leaves unnormalised; timm has no stem output. The native backbone is built "
+        "with timm's window semantics (SwinConfig.from_timm): where a stage's map fits in one window (stage4 at 224) "
+        "transformers still shifts and pads its windows, so native-vs-transformers differs there by design "
+        "(SwinConfig(window_semantics='transformers') matches transformers exactly)"
     ),
     "resnet": (
         "native stage k = timm layer{k}; the native stem includes the stem max-pool (stride 4) that timm's act1 "
