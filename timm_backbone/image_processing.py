@@ -252,7 +252,7 @@ class BaseImageProcessor:
                 "scaled already",
                 params["rescale_factor"],
             )
-        pixel_values = [self.process_image(t, params) for t in tensors]
+        pixel_values = [self.process_image(t, params).contiguous() for t in tensors]
         return BatchFeature(pixel_values=stack_outputs(pixel_values, return_tensors))
 
     def extra_fields(self) -> tuple[str, ...]:

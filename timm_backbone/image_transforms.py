@@ -142,7 +142,7 @@ def to_chw_tensor(image: Any, do_convert_rgb: bool = True, input_data_format: st
         tensor = tensor.to(torch.float32)
     if do_convert_rgb:
         tensor = _tensor_to_rgb(tensor)
-    return tensor.contiguous()
+    return tensor  # a CHW view of HWC memory for PIL and HWC arrays: the Pillow backend reads it without a copy
 
 
 def _tensor_to_rgb(tensor: torch.Tensor) -> torch.Tensor:
