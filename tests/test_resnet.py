@@ -126,17 +126,17 @@ def test_config_fields_and_resnet50_shapes():
     assert ResNetConfig.from_dict(config.to_dict()) == config
 
 
-def _timm_weights(name: str) -> dict[str, torch.Tensor]:
-    model = timm.create_model(name)
+def _timm_reference(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """timm's feature extractor (act1, layer1..4) and its weights as a full checkpoint (with the classifier)."""
+    model = timm.create_model(name, features_only=True).eval()
     _perturb_batch_norm(model)
-    return model.state_dict()
+    width = model.feature_info.channels()[-1]
+    return model, {**model.state_dict(), "fc.weight": torch.randn(1000, width), "fc.bias": torch.randn(1000)}
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet26"])
 def test_stage_outputs_equal_timm_features(name):
-    weights = _timm_weights(name)
-    reference = timm.create_model(name, features_only=True).eval()
-    reference.load_state_dict({k: v for k, v in weights.items() if not k.startswith("fc.")})
+    reference, weights = _timm_reference(name)
     model = ResNetBackbone(ResNetConfig.from_timm(f"{name}.a1_in1k", out_indices=ALL)).eval()
     report = model.load_checkpoint(weights, strict=True)
     assert report.ok
@@ -168,7 +168,7 @@ def test_loads_torchvision_state_dict(tmp_path):
 
 
 def test_key_mappings_round_trip():
-    weights = _timm_weights("resnet18")
+    _, weights = _timm_reference("resnet18")
     converted = resnet_timm_to_transformers(weights)
     reference = transformers.ResNetModel(transformers.ResNetConfig(**ResNetConfig.timm_fields("resnet18")))
     assert set(converted) - {"classifier.1.weight", "classifier.1.bias"} == set(reference.state_dict())
@@ -181,22 +181,20 @@ def test_key_mappings_round_trip():
     assert resnet_timm_to_transformers(wrapped).keys() == converted.keys()
 
 
-def _timm_repo(folder, arch: str = "resnet18.a1_in1k") -> dict[str, torch.Tensor]:
-    weights = _timm_weights(arch.split(".")[0])
+def _timm_repo(folder, arch: str = "resnet18.a1_in1k") -> torch.nn.Module:
+    reference, weights = _timm_reference(arch.split(".")[0])
     folder.mkdir(parents=True, exist_ok=True)
     save_file(weights, folder / "model.safetensors")
     timm_config = {"architecture": arch, "num_classes": 1000, "num_features": 512, "global_pool": "avg",
                    "pretrained_cfg": {"tag": arch.partition(".")[2], "mean": [0.485, 0.456, 0.406]}}  # fmt: skip
     (folder / "config.json").write_text(json.dumps(timm_config))
-    return weights
+    return reference
 
 
 def test_timm_hub_repo_folder_and_name(tmp_path):
     from hub_cache import make_hub_cache
 
-    weights = _timm_repo(tmp_path / "repo")
-    reference = timm.create_model("resnet18", features_only=True, out_indices=(4,)).eval()
-    reference.load_state_dict({k: v for k, v in weights.items() if not k.startswith("fc.")})
+    reference = _timm_repo(tmp_path / "repo")
     config = ResNetConfig.from_timm(tmp_path / "repo")
     assert (config.layer_type, config.depths, config.hidden_sizes) == ("basic", [2, 2, 2, 2], [64, 128, 256, 512])
     assert ResNetConfig.from_timm(json.loads((tmp_path / "repo" / "config.json").read_text())) == config
@@ -206,7 +204,7 @@ def test_timm_hub_repo_folder_and_name(tmp_path):
         model = ResNetBackbone.from_pretrained(src, cache_dir=tmp_path / "hub")
         assert model.load_report.ok, (src, model.load_report)
         with torch.no_grad():
-            _close(model(x).feature_maps[-1], reference(x)[0])
+            _close(model(x).feature_maps[-1], reference(x)[-1])
 
 
 @pytest.mark.parametrize(
@@ -273,6 +271,10 @@ def test_inference_path_is_reversible_and_follows_weight_changes():
         for a, e in zip(model(x).feature_maps, plain):
             _close(a, e)
         assert model._plan is not None
+        other = torch.randn(1, 3, 35, 61)  # weights were packed for the first shape; other shapes still match
+        for a, e in zip(model(other).feature_maps, model.optimize_for_inference(False)(other).feature_maps):
+            _close(a, e)
+        model.optimize_for_inference()
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
         # new weights are re-folded on the next call
         _perturb_batch_norm(model, seed=1)

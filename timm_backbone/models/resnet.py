@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..backbone import BackboneMixin, BackboneOutput
 from ..configuration import BackboneConfigMixin, PretrainedConfig
 from ..hub import CONFIG_NAME, read_json, resolve_file
-from ..layers import FrozenBatchNorm2d, freeze_batch_norm_2d, get_activation
+from ..layers import FoldedConv, freeze_batch_norm_2d, get_activation, onednn_fusion_available
 from ..modeling import PreTrainedModel
 
 LAYER_TYPES = ("basic", "bottleneck")
@@ -306,59 +303,6 @@ class ResNetEncoder(nn.Module):
 
 
 # inference path --------------------------------------------------------------------------------------------------
-@lru_cache(maxsize=1)
-def _onednn_fusion_available() -> bool:
-    """Whether oneDNN's fused conv kernels (the ones torch.compile's CPU backend uses) exist and compute correctly."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        x = torch.randn(1, 4, 5, 5).contiguous(memory_format=torch.channels_last)
-        w, b = torch.randn(4, 4, 3, 3), torch.randn(4)
-        packed = torch.ops.mkldnn._reorder_convolution_weight(w, [1, 1], [1, 1], [1, 1], 1, None)
-        got = torch.ops.mkldnn._convolution_pointwise.binary(
-            x, x, packed, b, [1, 1], [1, 1], [1, 1], 1, "add", 1.0, "relu", [], ""
-        )
-    except (RuntimeError, AttributeError, TypeError):
-        return False
-    return torch.allclose(got, F.relu(F.conv2d(x, w, b, 1, 1) + x), atol=1e-4, rtol=1e-4)
-
-
-@dataclass
-class _FoldedConv:
-    """A convolution with its BatchNorm folded in; ``packed`` weights are in oneDNN's blocked layout (CPU)."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor
-    stride: list[int]
-    padding: list[int]
-    packed: bool
-
-    @classmethod
-    def fold(cls, conv: nn.Conv2d, norm: nn.BatchNorm2d | FrozenBatchNorm2d, pack: bool) -> _FoldedConv:
-        # in float64: the folded weights then differ from the BatchNorm arithmetic by rounding only
-        scale = norm.weight.double() * torch.rsqrt(norm.running_var.double() + norm.eps)
-        weight = (conv.weight.double() * scale[:, None, None, None]).to(conv.weight.dtype)
-        bias = (norm.bias.double() - norm.running_mean.double() * scale).to(conv.weight.dtype)
-        weight = weight.contiguous(memory_format=torch.channels_last)
-        stride, padding = list(conv.stride), list(conv.padding)
-        if pack:
-            weight = torch.ops.mkldnn._reorder_convolution_weight(weight, padding, stride, [1, 1], 1, None)
-        return cls(weight, bias, stride, padding, pack)
-
-    def __call__(self, x: torch.Tensor, relu: bool, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``relu(conv(x) + bias [+ residual])``, the ReLU only when ``relu``."""
-        if self.packed:
-            args = (self.weight, self.bias, self.padding, self.stride, [1, 1], 1)
-            if residual is None:
-                return torch.ops.mkldnn._convolution_pointwise(x, *args, "relu" if relu else "none", [], "")
-            unary = "relu" if relu else None
-            return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, *args, "add", 1.0, unary, [], "")
-        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
-        if residual is not None:
-            y = y.add_(residual)
-        return F.relu_(y) if relu else y
-
-
 def _no_plan() -> None:
     return None
 
@@ -374,18 +318,18 @@ class _InferencePlan:
         self.signature = signature
         stem = model.embedder.embedder
         param = stem.convolution.weight
-        pack = param.device.type == "cpu" and param.dtype == torch.float32 and _onednn_fusion_available()
+        pack = param.device.type == "cpu" and param.dtype == torch.float32 and onednn_fusion_available()
         self.relu_out = isinstance(stem.activation, nn.ReLU)  # transformers' hidden_act; inner convs are ReLU
         self.act = stem.activation
         self.pool = model.embedder.pooler
-        self.stem = _FoldedConv.fold(stem.convolution, stem.normalization, pack)
+        self.stem = FoldedConv(stem.convolution, stem.normalization, pack)
         self.stages = [
             [
                 (
-                    _FoldedConv.fold(blk.shortcut.convolution, blk.shortcut.normalization, pack)
+                    FoldedConv(blk.shortcut.convolution, blk.shortcut.normalization, pack)
                     if isinstance(blk.shortcut, ResNetShortCut)
                     else None,
-                    [_FoldedConv.fold(layer.convolution, layer.normalization, pack) for layer in blk.layer],
+                    [FoldedConv(layer.convolution, layer.normalization, pack) for layer in blk.layer],
                 )
                 for blk in stage.layers
             ]
