@@ -344,3 +344,25 @@ def test_config_errors(kwargs, match):
 def test_config_type_error():
     with pytest.raises(TypeError, match="backbone_config must be a backbone config"):
         MaskFormerConfig(backbone_config=42)
+
+
+@pytest.mark.parametrize("kind", ["timm", pytest.param("resnet", marks=needs_resnet)])
+def test_optimize_for_inference_agrees_with_plain_forward(kind, tmp_path):
+    hf = _hf_model(kind)
+    hf.save_pretrained(tmp_path)
+    plain = MaskFormerForInstanceSegmentation.from_pretrained(tmp_path)
+    fast = MaskFormerForInstanceSegmentation.from_pretrained(tmp_path).optimize_for_inference()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    masks, classes = _labels()
+    with torch.no_grad():
+        expected = plain(x, mask_labels=masks, class_labels=classes)
+        actual = fast(x, mask_labels=masks, class_labels=classes)
+    assert actual.pixel_decoder_last_hidden_state is None  # skipped on the fast path
+    _close(actual.masks_queries_logits, expected.masks_queries_logits)
+    _close(actual.class_queries_logits, expected.class_queries_logits)
+    _close(actual.loss, expected.loss)
+    # with autograd on, or when hidden states are asked for, the plain path runs
+    assert fast(x).pixel_decoder_last_hidden_state is not None
+    with torch.no_grad():
+        assert fast(x, output_hidden_states=True).pixel_decoder_last_hidden_state is not None
+    assert fast.optimize_for_inference(False)._fast_path is False

@@ -10,19 +10,17 @@ here and the other way round.
 from __future__ import annotations
 
 import copy
-import math
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...backbone import ModelOutput
-from ...layers import Mlp
 from ...modeling import LoadReport, PreTrainedModel, match_prefix
 from .configuration import MaskFormerConfig
+from .decoders import MaskFormerPixelDecoder, MaskFormerTransformerModule, fused_mask_logits
 from .loss import MaskFormerHungarianMatcher, MaskFormerLoss, check_labels
 
 
@@ -79,63 +77,6 @@ class MaskFormerForInstanceSegmentationOutput(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
 
 
-# pixel decoder ------------------------------------------------------------------------------------------------------
-def conv_gn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
-    """3x3 conv (no bias) -> GroupNorm(32) -> ReLU; keys ``0`` / ``1`` as transformers' ``MaskFormerFPNConvLayer``."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
-        nn.GroupNorm(32, out_channels),
-        nn.ReLU(inplace=True),
-    )
-
-
-class FPNLayer(nn.Module):
-    """Upsample the coarser map (nearest), add the projected lateral map, refine with a conv block."""
-
-    def __init__(self, feature_size: int, lateral_channels: int) -> None:
-        super().__init__()
-        self.proj = nn.Sequential(
-            nn.Conv2d(lateral_channels, feature_size, kernel_size=1, bias=False), nn.GroupNorm(32, feature_size)
-        )
-        self.block = conv_gn_relu(feature_size, feature_size)
-
-    def forward(self, down: torch.Tensor, lateral: torch.Tensor) -> torch.Tensor:
-        lateral = self.proj(lateral)
-        return self.block(F.interpolate(down, size=lateral.shape[-2:], mode="nearest") + lateral)
-
-
-class FPN(nn.Module):
-    """Top-down feature pyramid over the backbone maps (fine to coarse in); returns its maps coarse to fine."""
-
-    def __init__(self, channels: list[int], feature_size: int) -> None:
-        super().__init__()
-        self.stem = conv_gn_relu(channels[-1], feature_size)
-        self.layers = nn.Sequential(*[FPNLayer(feature_size, c) for c in channels[-2::-1]])
-
-    def forward(self, features: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-        out = self.stem(features[-1])
-        if not len(self.layers):  # a single-scale backbone: the stem output is the finest map
-            return [out]
-        maps = []
-        for layer, lateral in zip(self.layers, features[-2::-1]):
-            out = layer(out, lateral)
-            maps.append(out)
-        return maps
-
-
-class MaskFormerPixelDecoder(nn.Module):
-    """FPN over the backbone maps, then a 3x3 projection of its finest map to the pixel embeddings."""
-
-    def __init__(self, channels: list[int], feature_size: int, mask_feature_size: int) -> None:
-        super().__init__()
-        self.fpn = FPN(channels, feature_size)
-        self.mask_projection = nn.Conv2d(feature_size, mask_feature_size, kernel_size=3, padding=1)
-
-    def forward(self, features: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        maps = self.fpn(features)
-        return self.mask_projection(maps[-1]), maps
-
-
 class MaskFormerPixelLevelModule(nn.Module):
     """The backbone (``encoder``) and the pixel decoder (``decoder``), sized from the backbone's ``channels``."""
 
@@ -182,172 +123,6 @@ def select_multiscale_stages(backbone_config: Any) -> None:
     if getattr(backbone_config, "stage_names", None) is None:
         backbone_config.stage_names = list(probe.stage_names)
     backbone_config.set_output_features_output_indices(None, chosen)
-
-
-# transformer module -------------------------------------------------------------------------------------------------
-def sine_position_embedding(
-    height: int, width: int, num_features: int, device: torch.device, dtype: torch.dtype, temperature: float = 10000.0
-) -> torch.Tensor:
-    """DETR's normalised 2-D sine embedding of an unpadded ``height x width`` grid, ``(height * width, 2 *
-    num_features)``: y features then x features, sin and cos interleaved."""
-    scale, eps = 2 * math.pi, 1e-6
-    y = torch.arange(1, height + 1, device=device, dtype=dtype)
-    x = torch.arange(1, width + 1, device=device, dtype=dtype)
-    y = y / (y[-1:] + eps) * scale
-    x = x / (x[-1:] + eps) * scale
-    dim_t = torch.arange(num_features, device=device, dtype=torch.int64).to(dtype)
-    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_features)
-
-    def encode(values: torch.Tensor) -> torch.Tensor:
-        pos = values[:, None] / dim_t  # L, F
-        return torch.stack((pos[:, 0::2].sin(), pos[:, 1::2].cos()), dim=2).flatten(1)
-
-    pos_y = encode(y)[:, None, :].expand(height, width, -1)
-    pos_x = encode(x)[None, :, :].expand(height, width, -1)
-    return torch.cat((pos_y, pos_x), dim=-1).reshape(height * width, -1)
-
-
-class DetrAttention(nn.Module):
-    """Multi-head attention with separate q/k/v/out projections (DETR's layout); position embeddings are added by
-    the caller. ``need_weights`` takes the plain path that also returns the attention weights."""
-
-    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.dropout = dropout
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
-
-    def forward(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, need_weights: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        b, lq, c = query.shape
-        q = self.q_proj(query).view(b, lq, self.num_heads, self.head_dim).transpose(1, 2)  # B, h, Lq, d
-        k = self.k_proj(key).view(b, -1, self.num_heads, self.head_dim).transpose(1, 2)  # B, h, Lk, d
-        v = self.v_proj(value).view(b, -1, self.num_heads, self.head_dim).transpose(1, 2)
-        dropout = self.dropout if self.training else 0.0
-        weights = None
-        if need_weights:
-            weights = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1)).softmax(-1)
-            out = F.dropout(weights, dropout, self.training) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-        return self.out_proj(out.transpose(1, 2).reshape(b, lq, c)), weights
-
-
-class DetrDecoderLayer(nn.Module):
-    """Post-norm decoder layer: self-attention over the queries, cross-attention to the image, MLP."""
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        ffn_dim: int,
-        dropout: float = 0.1,
-        attention_dropout: float = 0.0,
-        activation_dropout: float = 0.0,
-        activation: str = "relu",
-    ) -> None:
-        super().__init__()
-        self.dropout = dropout
-        self.self_attn = DetrAttention(dim, num_heads, attention_dropout)
-        self.self_attn_layer_norm = nn.LayerNorm(dim)
-        self.encoder_attn = DetrAttention(dim, num_heads, attention_dropout)
-        self.encoder_attn_layer_norm = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, ffn_dim, act=activation, drop=activation_dropout)
-        self.final_layer_norm = nn.LayerNorm(dim)
-
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        query_pos: torch.Tensor,
-        memory: torch.Tensor,
-        memory_with_pos: torch.Tensor,
-        need_weights: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        q = hidden + query_pos
-        out, weights = self.self_attn(q, q, hidden, need_weights)
-        hidden = self.self_attn_layer_norm(hidden + F.dropout(out, self.dropout, self.training))
-        out, _ = self.encoder_attn(hidden + query_pos, memory_with_pos, memory)
-        hidden = self.encoder_attn_layer_norm(hidden + F.dropout(out, self.dropout, self.training))
-        out = F.dropout(self.mlp(hidden), self.dropout, self.training)
-        return self.final_layer_norm(hidden + out), weights
-
-
-class DetrDecoder(nn.Module):
-    """Stack of decoder layers and the final LayerNorm (applied between layers too with ``norm_between``)."""
-
-    def __init__(self, decoder_config: dict[str, Any]) -> None:
-        super().__init__()
-        dim = decoder_config["d_model"]
-        self.norm_between = bool(decoder_config.get("auxiliary_loss", False))
-        self.layers = nn.ModuleList(
-            DetrDecoderLayer(
-                dim,
-                decoder_config["decoder_attention_heads"],
-                decoder_config["decoder_ffn_dim"],
-                dropout=decoder_config["dropout"],
-                attention_dropout=decoder_config["attention_dropout"],
-                activation_dropout=decoder_config["activation_dropout"],
-                activation=decoder_config["activation_function"],
-            )
-            for _ in range(decoder_config["decoder_layers"])
-        )
-        self.layernorm = nn.LayerNorm(dim)
-
-    def forward(
-        self,
-        query_pos: torch.Tensor,
-        memory: torch.Tensor,
-        memory_pos: torch.Tensor,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, tuple | None, tuple | None]:
-        hidden = torch.zeros_like(query_pos)
-        memory_with_pos = memory + memory_pos  # the keys of every cross-attention
-        states, attentions = [hidden], []
-        for layer in self.layers:
-            hidden, weights = layer(hidden, query_pos, memory, memory_with_pos, output_attentions)
-            states.append(hidden)
-            attentions.append(weights)
-            if self.norm_between:
-                hidden = self.layernorm(hidden)
-        hidden = self.layernorm(hidden)
-        states[-1] = hidden
-        return hidden, tuple(states) if output_hidden_states else None, tuple(attentions) if output_attentions else None
-
-
-class MaskFormerTransformerModule(nn.Module):
-    """Project the coarsest backbone map to ``d_model`` and decode ``num_queries`` learned queries against it."""
-
-    def __init__(self, in_channels: int, config: MaskFormerConfig) -> None:
-        super().__init__()
-        dim = config.decoder_config["d_model"]
-        self.queries_embedder = nn.Embedding(config.decoder_config["num_queries"], dim)
-        self.input_projection = nn.Conv2d(in_channels, dim, kernel_size=1) if in_channels != dim else None
-        self.decoder = DetrDecoder(config.decoder_config)
-        self._pos_cache: dict[tuple, torch.Tensor] = {}
-
-    def position_embedding(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        key = (height, width, device, dtype)
-        if key not in self._pos_cache:
-            dim = self.queries_embedder.embedding_dim
-            self._pos_cache = {key: sine_position_embedding(height, width, dim // 2, device, dtype)}
-        return self._pos_cache[key]
-
-    def forward(
-        self, image_features: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
-    ) -> tuple[torch.Tensor, tuple | None, tuple | None]:
-        if self.input_projection is not None:
-            image_features = self.input_projection(image_features)
-        b, _, h, w = image_features.shape
-        memory = image_features.flatten(2).transpose(1, 2)  # B, HW, C
-        memory_pos = self.position_embedding(h, w, memory.device, memory.dtype)[None]  # 1, HW, C
-        query_pos = self.queries_embedder.weight[None].expand(b, -1, -1)  # B, Q, C
-        return self.decoder(query_pos, memory, memory_pos, output_hidden_states, output_attentions)
 
 
 # checkpoint layout --------------------------------------------------------------------------------------------------
@@ -547,6 +322,33 @@ class MaskFormerForInstanceSegmentation(_MaskFormerWeights, PreTrainedModel):
     def backbone(self) -> nn.Module:
         return self.model.pixel_level_module.encoder
 
+    def optimize_for_inference(self, enabled: bool = True) -> MaskFormerForInstanceSegmentation:
+        """Switch the eval-mode forward without autograd to a faster path with the same logits (to float rounding):
+        the backbone's own inference path when it has one (ResNet: BatchNorm folded into fused oneDNN convolutions),
+        and the mask projection folded into the query embeddings (:func:`fused_mask_logits`).
+
+        The parameters are not changed; training and gradients use the plain path, and
+        ``optimize_for_inference(False)`` turns it off. On the fast path ``pixel_decoder_last_hidden_state`` is not
+        computed (``None``), and hidden states or auxiliary logits, when asked for, take the plain path.
+
+        Returns:
+            The model, in eval mode.
+        """
+        self._fast_path = enabled
+        if hasattr(self.backbone, "optimize_for_inference"):
+            self.backbone.optimize_for_inference(enabled)
+        return self.eval() if enabled else self
+
+    def _fast_forward(self, pixel_values: torch.Tensor, output_attentions: bool | None) -> tuple:
+        features = tuple(self.backbone(pixel_values, return_dict=True).feature_maps)
+        decoder = self.model.pixel_level_module.decoder
+        fpn_map = decoder.fpn(features)[-1]
+        queries, _, attentions = self.model.transformer_module(
+            features[-1], output_attentions=_flag(output_attentions, self.config, "output_attentions")
+        )
+        masks = fused_mask_logits(self.mask_embedder(queries), fpn_map, decoder.mask_projection)
+        return self.class_predictor(queries), masks, features[-1], queries, attentions
+
     def get_logits(
         self, outputs: MaskFormerModelOutput
     ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]:
@@ -614,6 +416,28 @@ class MaskFormerForInstanceSegmentation(_MaskFormerWeights, PreTrainedModel):
                 mask_labels, class_labels, self.config.num_labels, pixel_values.shape[0], pixel_values.shape[-2:]
             )
         output_hidden_states = _flag(output_hidden_states, self.config, "output_hidden_states")
+        if (
+            getattr(self, "_fast_path", False)
+            and not self.training
+            and not torch.is_grad_enabled()
+            and not output_hidden_states
+            and not self.config.use_auxiliary_loss
+        ):
+            class_logits, mask_logits, image_features, queries, attentions = self._fast_forward(
+                pixel_values, output_attentions
+            )
+            loss = None
+            if mask_labels is not None:
+                loss = sum(self.get_loss_dict(mask_logits, class_logits, mask_labels, class_labels).values())
+            output = MaskFormerForInstanceSegmentationOutput(
+                loss=loss,
+                class_queries_logits=class_logits,
+                masks_queries_logits=mask_logits,
+                encoder_last_hidden_state=image_features,
+                transformer_decoder_last_hidden_state=queries,
+                attentions=attentions,
+            )
+            return output if return_dict is not False else output.to_tuple()
         outputs = self.model(
             pixel_values,
             output_hidden_states=output_hidden_states or self.config.use_auxiliary_loss,
