@@ -269,7 +269,7 @@ def test_mask_cache_is_bounded_and_tracks_weights():
         before = model(x).feature_maps[0]
         attn.relative_position_bias_table.add_(1.0)  # in-place update (as an optimizer step) invalidates
         after = model(x).feature_maps[0]
-        model.set_fused_attn(False)
+        model.set_fast_path(False)
         reference = model(x).feature_maps[0]
     assert not torch.allclose(before, after)
     _close(after, reference)
@@ -281,7 +281,7 @@ def test_fused_and_reference_paths_agree():
     x = torch.randn(2, 3, 45, 61)
     with torch.no_grad():
         fused = model(x).feature_maps
-        model.set_fused_attn(False)
+        model.set_fast_path(False)
         plain = model(x).feature_maps
     for a, b in zip(fused, plain):
         _close(a, b)

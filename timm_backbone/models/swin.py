@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..backbone import BackboneMixin, BackboneOutput
 from ..configuration import BackboneConfigMixin, PretrainedConfig
-from ..layers import DropPath, Mlp, window_partition, window_reverse
+from ..layers import DropPath, Mlp, linear, window_partition
 from ..modeling import PreTrainedModel
 
 WINDOW_SEMANTICS = ("transformers", "timm")
@@ -186,7 +186,36 @@ def _shift_region_mask(
     return mask[:, None]  # nW, 1, N, N
 
 
+def _window_indices(
+    height: int, width: int, window: tuple[int, int], shift: tuple[int, int], roll_first: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather indices that pad, cyclically shift and partition a map in one copy, and undo it in one more.
+
+    Returns:
+        ``forward`` (nW * N,): for every window slot the source token (``height * width`` is an all-zero padding
+        row), and ``inverse`` (height * width,): for every token the slot holding it.
+    """
+    hp, wp = -(-height // window[0]) * window[0], -(-width // window[1]) * window[1]
+    i = torch.arange(hp, device=device)[:, None]
+    j = torch.arange(wp, device=device)[None, :]
+    if roll_first:  # timm: roll the map, then pad it
+        real = (i < height) & (j < width)
+        src_i, src_j = (i + shift[0]) % height, (j + shift[1]) % width
+    else:  # transformers: pad the map, then roll the padded map
+        src_i, src_j = (i + shift[0]) % hp, (j + shift[1]) % wp
+        real = (src_i < height) & (src_j < width)
+    source = torch.where(real, src_i * width + src_j, height * width)
+    forward = window_partition(source[None, :, :, None], window).reshape(-1)
+    slots = torch.arange(forward.numel(), device=device)
+    # padding slots all land on the extra last entry, which is dropped (no data-dependent shapes: compile-friendly)
+    inverse = torch.zeros(height * width + 1, dtype=torch.long, device=device).scatter_(0, forward, slots)
+    return forward, inverse[:-1]
+
+
 _cached_shift_region_mask = lru_cache(maxsize=32)(_shift_region_mask)
+_cached_window_indices = lru_cache(maxsize=64)(_window_indices)
+# above this many mask elements, the mask is not repeated per image: windows are folded into heads instead
+_BATCHED_MASK_MAX_NUMEL = 1 << 24
 
 
 def _is_compiling() -> bool:
@@ -271,30 +300,54 @@ class SwinWindowAttention(nn.Module):
         n = window[0] * window[1]
         return self.relative_position_bias_table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)
 
-    def attention_mask(self, window: tuple[int, int], region_mask: torch.Tensor | None, key: tuple) -> torch.Tensor:
-        """Bias plus shift mask: (heads, N, N) or (nW, heads, N, N); cached unless the table needs a gradient."""
+    def attention_mask(
+        self, window: tuple[int, int], num_windows: int, batch: int, region_mask: torch.Tensor | None, key: tuple
+    ) -> torch.Tensor:
+        """Bias plus shift mask, cached per geometry unless the bias table needs a gradient.
+
+        Returns:
+            (B * nW, heads, N, N), or (1, nW * heads, N, N) when repeating it per image would be too large.
+        """
         table = self.relative_position_bias_table
         if _is_compiling() or (torch.is_grad_enabled() and table.requires_grad):
-            bias = self.relative_position_bias(window)
-            return bias if region_mask is None else bias + region_mask
-        key = (*key, table._version, table.data_ptr(), table.dtype)
+            return self._build_mask(window, num_windows, batch, region_mask)
+        key = (*key, batch, table._version, table.data_ptr(), table.dtype)
         mask = self._mask_cache.get(key)
         if mask is None:
-            mask = self.relative_position_bias(window)
-            mask = mask if region_mask is None else mask + region_mask
-            self._mask_cache[key] = mask
+            mask = self._mask_cache[key] = self._build_mask(window, num_windows, batch, region_mask)
             if len(self._mask_cache) > self.cache_size:
                 self._mask_cache.popitem(last=False)
         else:
             self._mask_cache.move_to_end(key)
         return mask
 
+    def _build_mask(
+        self, window: tuple[int, int], num_windows: int, batch: int, region_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        bias = self.relative_position_bias(window)  # heads, N, N
+        n = bias.shape[-1]
+        mask = bias.expand(num_windows, -1, -1, -1) if region_mask is None else bias + region_mask  # nW, heads, N, N
+        # CPU flash attention takes 4-D masks only; one per (image, window) lets q/k/v stay views of the qkv output
+        if batch * mask.numel() <= _BATCHED_MASK_MAX_NUMEL:
+            return mask.expand(batch, -1, -1, -1, -1).reshape(batch * num_windows, self.num_heads, n, n)
+        return mask.reshape(1, num_windows * self.num_heads, n, n)
+
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor, need_weights: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention over ``x`` (B, nW, N, C) with a mask from :meth:`attention_mask`.
+
+        Returns:
+            The output (B, nW, N, C) and, with ``need_weights``, the weights (B * nW, heads, N, N).
+        """
         b, nw, n, c = x.shape
-        qkv = self.qkv(x).view(b, nw, n, 3, self.num_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5)
-        q, k, v = qkv.unbind(0)  # B, nW, heads, N, head_dim
+        heads, head_dim = self.num_heads, self.head_dim
+        qkv = linear(x, self.qkv, fast=self.fused_attn)
+        if mask.shape[0] == b * nw:  # views: (B * nW, heads, N, head_dim)
+            q, k, v = qkv.view(b * nw, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        else:  # windows folded into heads: (B, nW * heads, N, head_dim)
+            qkv = qkv.view(b, nw, n, 3, heads, head_dim).permute(3, 0, 1, 4, 2, 5)
+            q, k, v = qkv.reshape(3, b, nw * heads, n, head_dim).unbind(0)
         drop = self.attn_drop if self.training else 0.0
         weights = None
         if self.fused_attn and not need_weights:
@@ -303,8 +356,9 @@ class SwinWindowAttention(nn.Module):
             weights = torch.softmax((q @ k.transpose(-2, -1)) * self.scale + mask, dim=-1, dtype=torch.float32)
             weights = weights.to(q.dtype)
             x = F.dropout(weights, drop, self.training) @ v
-        x = self.proj(x.transpose(2, 3).reshape(b, nw, n, c))
-        return x, weights
+            weights = weights.view(b * nw, heads, n, n)
+        x = x.view(b, -1, heads, n, head_dim).transpose(2, 3).reshape(b, nw, n, c)
+        return linear(x, self.proj, fast=self.fused_attn), weights
 
 
 class SwinBlock(nn.Module):
@@ -345,40 +399,28 @@ class SwinBlock(nn.Module):
         return window, (0 if height <= ws else shift, 0 if width <= ws else shift)
 
     def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        h, w = x.shape[1:3]
+        b, h, w, c = x.shape
         window, shift = self.window_and_shift(h, w)
-        pad_b, pad_r = -h % window[0], -w % window[1]
-        hp, wp = h + pad_b, w + pad_r
-        shifted = shift[0] > 0 or shift[1] > 0
-        timm_order = self.window_semantics == "timm"
+        hp, wp = h + (-h % window[0]), w + (-w % window[1])
+        compiling = _is_compiling()
+        index_fn = _window_indices if compiling else _cached_window_indices
+        forward, inverse = index_fn(h, w, window, shift, self.window_semantics == "timm", x.device)
 
-        y = self.norm1(x)
-        if shifted and timm_order:
-            y = torch.roll(y, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-        y = F.pad(y, (0, 0, 0, pad_r, 0, pad_b))
-        if shifted and not timm_order:
-            y = torch.roll(y, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-        windows = window_partition(y, window)  # B, nW, N, C
+        y = self.norm1(x).reshape(b, h * w, c)
+        if hp != h or wp != w:
+            y = F.pad(y, (0, 0, 0, 1))  # the zero token that padding slots gather
+        windows = y.index_select(1, forward).view(b, -1, window[0] * window[1], c)  # B, nW, N, C
 
-        key = (hp, wp, window, shift, x.device)
         region = None
-        if shifted:
-            region_fn = _shift_region_mask if _is_compiling() else _cached_shift_region_mask
+        if shift[0] or shift[1]:
+            region_fn = _shift_region_mask if compiling else _cached_shift_region_mask
             region = region_fn(hp, wp, window, shift, x.device, x.dtype if x.is_floating_point() else torch.float32)
-        mask = self.attn.attention_mask(window, region, key)
+        mask = self.attn.attention_mask(window, windows.shape[1], b, region, (hp, wp, window, shift, x.device))
         y, weights = self.attn(windows, mask, need_weights)
 
-        y = window_reverse(y, window, hp, wp)  # B, Hp, Wp, C
-        if shifted and not timm_order:
-            y = torch.roll(y, shifts=shift, dims=(1, 2))
-        if pad_b or pad_r:
-            y = y[:, :h, :w]
-        if shifted and timm_order:
-            y = torch.roll(y, shifts=shift, dims=(1, 2))
+        y = y.reshape(b, -1, c).index_select(1, inverse).view(b, h, w, c)  # un-shift, crop: B, H, W, C
         x = x + self.drop_path(self.drop(y))
         x = x + self.drop_path(self.drop(self.mlp(self.norm2(x))))
-        if weights is not None:  # transformers' layout: (B * nW, heads, N, N)
-            weights = weights.flatten(0, 1)
         return x, weights
 
 
@@ -497,11 +539,14 @@ class SwinBackbone(BackboneMixin, PreTrainedModel):
     def gradient_checkpointing_disable(self) -> None:
         self.set_grad_checkpointing(False)
 
-    def set_fused_attn(self, enable: bool = True) -> None:
-        """Choose ``scaled_dot_product_attention`` (default) or the plain softmax reference path."""
+    def set_fast_path(self, enable: bool = True) -> None:
+        """Choose the fast path (default: ``scaled_dot_product_attention``, oneDNN linears with fused bias/GELU in
+        fp32 CPU inference) or the plain reference path (softmax attention, ``F.linear``)."""
         for module in self.modules():
             if isinstance(module, SwinWindowAttention):
                 module.fused_attn = enable
+            elif isinstance(module, Mlp):
+                module.fast = enable
 
     def forward(
         self,
