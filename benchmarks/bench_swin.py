@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> dict:
             "repeats": args.repeats,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
-        },  # fmt: skip
+        },
         "median_ms": {name: 1e3 * m for name, m in medians.items()},
         "speedup_vs_transformers": medians["transformers SwinBackbone"] / native,
         "speedup_vs_timm": medians["timm features_only"] / native,

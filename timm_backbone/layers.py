@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # activation names of transformers' ``hidden_act`` -> module classes (exact GELU, as transformers' "gelu")
@@ -55,6 +56,34 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob}"
 
 
+_HAS_MKLDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _mkldnn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """oneDNN's linear serves fp32 CPU inference only: no autograd, no autocast, not inside torch.compile."""
+    return (
+        _HAS_MKLDNN_LINEAR
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
+
+
+def linear(x: torch.Tensor, layer: nn.Linear, act: str = "none", fast: bool = True) -> torch.Tensor:
+    """``act(layer(x))`` with ``act`` in ``"none"`` / ``"gelu"`` (exact).
+
+    With ``fast``, fp32 CPU inference runs through oneDNN's linear, which adds the bias and the GELU inside the
+    matmul instead of in extra passes over the output (torch's CPU ``addmm`` first copies the bias into it);
+    everything else, and ``fast=False``, is ``F.linear``.
+    """
+    if fast and _mkldnn_linear_ok(x, layer.weight):
+        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, act, [], "none" if act == "gelu" else "")
+    x = F.linear(x, layer.weight, layer.bias)
+    return F.gelu(x) if act == "gelu" else x
+
+
 class Mlp(nn.Module):
     """Two linear layers with an activation between them: ``fc2(drop(act(fc1(x))))``."""
 
@@ -74,8 +103,12 @@ class Mlp(nn.Module):
         self.act = get_activation(act)
         self.drop = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_features, out_features, bias=bias)
+        self.fast = True  # see :func:`linear`
+        self._fused_act = "gelu" if act == "gelu" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast and self._fused_act and not (self.training and self.drop.p > 0):
+            return linear(linear(x, self.fc1, self._fused_act), self.fc2)
         return self.fc2(self.drop(self.act(self.fc1(x))))
 
 
