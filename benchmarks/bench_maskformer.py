@@ -9,9 +9,10 @@ speed-up over transformers and the largest difference of the mask logits relativ
     python benchmarks/bench_maskformer.py --quick          # 3 repeats
     python benchmarks/bench_maskformer.py --backbone resnet50 --batch 1 --size 512 --output results/mf.json
 
-Contenders: ``transformers`` (its MaskFormerForInstanceSegmentation), ``ours`` (this package's default forward) and,
-when the native backbone offers it, ``ours_inference`` (after ``optimize_for_inference()``: e.g. ResNet's BatchNorm
-folded into oneDNN fused convolutions; parameters untouched).
+Contenders: ``transformers`` (its MaskFormerForInstanceSegmentation), ``ours`` (this package's default forward) and
+``ours_inference`` (after ``model.optimize_for_inference()``: the mask projection folded into the query embeddings,
+plus the backbone's own inference path where it has one, e.g. ResNet's BatchNorm folded into fused oneDNN
+convolutions; parameters untouched, ``pixel_decoder_last_hidden_state`` not computed).
 """
 
 from __future__ import annotations
@@ -56,10 +57,9 @@ def build(backbone: str) -> dict[str, torch.nn.Module]:
     with tempfile.TemporaryDirectory() as folder:
         reference.save_pretrained(folder)
         contenders = {"transformers": reference, "ours": MaskFormerForInstanceSegmentation.from_pretrained(folder)}
-        inference = MaskFormerForInstanceSegmentation.from_pretrained(folder)
-    if hasattr(inference.backbone, "optimize_for_inference"):
-        inference.backbone.optimize_for_inference()
-        contenders["ours_inference"] = inference
+        contenders["ours_inference"] = MaskFormerForInstanceSegmentation.from_pretrained(
+            folder
+        ).optimize_for_inference()
     return {name: model.eval() for name, model in contenders.items()}
 
 
