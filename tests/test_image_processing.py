@@ -338,6 +338,7 @@ def test_float_images_in_unit_range_warn_when_rescaled(caplog):
         ),
         (lambda p: p(_picture(8, 8), resample="cubic"), ValueError, "unknown resample 'cubic'"),
         (lambda p: p(_picture(8, 8), backend="cv2"), ValueError, "backend must be one of"),
+        (lambda p: p(_picture(8, 8), data_format="channels_last"), ValueError, "data_format must be 'channels_first'"),
     ],
 )
 def test_input_errors(call, error, match):

@@ -219,7 +219,12 @@ class BaseImageProcessor:
         return self.preprocess(images, return_tensors=return_tensors, **kwargs)
 
     def preprocess(
-        self, images: Any, return_tensors: str | None = None, input_data_format: str | None = None, **kwargs: Any
+        self,
+        images: Any,
+        return_tensors: str | None = None,
+        input_data_format: str | None = None,
+        data_format: str = "channels_first",
+        **kwargs: Any,
     ) -> BatchFeature:
         """Turn one image or a batch into ``{"pixel_values": ...}``.
 
@@ -229,11 +234,14 @@ class BaseImageProcessor:
             return_tensors: ``"pt"`` for one float32 ``(N, C, H, W)`` tensor, ``"np"`` for a numpy array, ``None``
                 for a list of ``(C, H, W)`` tensors.
             input_data_format: ``"channels_first"``/``"channels_last"`` when the channel axis is ambiguous.
+            data_format: Output layout; only ``"channels_first"`` (NCHW, what every backbone takes).
             **kwargs: Any field (``size``, ``do_resize``...) for this call only.
 
         Raises:
             ValueError: an unknown keyword (the valid ones are listed), or images that cannot be stacked.
         """
+        if getattr(data_format, "value", data_format) != "channels_first":
+            raise ValueError(f"data_format must be 'channels_first' (NCHW output), got {data_format!r}")
         unknown = sorted(set(kwargs) - set(self.fields) - set(self.extra_fields()))
         if unknown:
             raise ValueError(
