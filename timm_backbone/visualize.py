@@ -60,6 +60,40 @@ def select_channels(feature_map: torch.Tensor, count: int) -> list[int]:
     return sorted(torch.topk(spread, count).indices.tolist())
 
 
+def principal_components(feature_map: torch.Tensor, count: int = 3, max_samples: int = 16384) -> torch.Tensor:
+    """The first ``count`` principal components across the channels of a ``(C, H, W)`` map, as ``(count, H, W)``.
+
+    Each component's sign is fixed so that its largest channel loading is positive; components that explain
+    (almost) nothing are returned as zeros, so that noise is not drawn as structure. The covariance is estimated
+    from at most ``max_samples`` evenly spaced positions; every position is projected.
+    """
+    channels, height, width = feature_map.shape
+    x = feature_map.reshape(channels, height * width).T.double()  # HW, C
+    x = x - x.mean(dim=0)
+    fit = x[:: max(1, x.shape[0] // max_samples)]
+    if fit.shape[0] < channels:  # fewer positions than channels: eigenvectors through the Gram matrix
+        values, vectors = torch.linalg.eigh(fit @ fit.T)
+        vectors = fit.T @ vectors
+        vectors = vectors / vectors.norm(dim=0).clamp_min(1e-12)
+    else:
+        values, vectors = torch.linalg.eigh(fit.T @ fit)
+    top = torch.argsort(values, descending=True)[:count]
+    values, vectors = values[top], vectors[:, top]  # C, count
+    peak = vectors.abs().argmax(dim=0)
+    vectors = vectors * torch.sign(vectors[peak, torch.arange(vectors.shape[1])])
+    scores = x @ vectors  # HW, count
+    scores[:, values <= 1e-9 * values.max().clamp_min(1e-300)] = 0.0
+    out = torch.zeros(count, height * width, dtype=torch.float32)
+    out[: scores.shape[1]] = scores.T.float()
+    return out.reshape(count, height, width)
+
+
+def _pca_rgb(feature_map: torch.Tensor) -> np.ndarray:
+    components = principal_components(feature_map)
+    rgb = np.stack([normalize_map(c.numpy()) for c in components], axis=-1)
+    return (rgb * 255).round().astype(np.uint8)
+
+
 def _font(size: int) -> Any:
     from PIL import ImageFont
 
@@ -99,15 +133,17 @@ def feature_plot(
 ) -> Any:
     """Draw the feature maps of one image: one block per stage, a grid of channels in each.
 
-    Every block starts with the channel mean (``mean``), followed by the ``max_channels - 1`` channels with the
-    largest spatial spread. Each cell is scaled between its own 1st and 99th percentile and enlarged with
-    nearest-neighbour sampling, so one pixel of the feature map stays one visible square.
+    Every block starts with the first three principal components across channels drawn as red, green and blue
+    (``pca``: what varies most over the map, also for layer-normalised features whose channel mean is flat),
+    followed by the ``max_channels - 1`` channels with the largest spatial spread in viridis. Each map is scaled
+    between its own 1st and 99th percentile and enlarged with nearest-neighbour sampling, so one pixel of the feature
+    map stays one visible square.
 
     Args:
         feature_maps: NCHW (or CHW) tensors, one per stage.
         names: The stage name of each map (the header of its block).
         image: The input picture (PIL image), drawn above the stages.
-        max_channels: Cells per stage, the mean included.
+        max_channels: Cells per stage, the ``pca`` cell included.
         columns: Cells per row.
         cell: Cell size in pixels.
         sample: Which image of the batch to draw.
@@ -168,16 +204,15 @@ def feature_plot(
         shown = n_cells - 1
         header = f"{name}   {channels} x {height_f} x {width_f}"
         draw.text((pad, y), header, fill=_INK, font=header_font)
-        note = f"mean + {shown} of {channels} channels"
+        note = f"pca + {shown} of {channels} channels"
         note_w = draw.textlength(note, font=label_font)
         draw.text((width - pad - note_w, y + 4), note, fill=_MUTED, font=label_font)
         y += header_h
-        cells = [("mean", fmap.mean(dim=0))]
-        cells += [(f"c{c}", fmap[c]) for c in select_channels(fmap, shown)] if shown else []
-        for k, (label, plane) in enumerate(cells):
+        cells = [("pca", _pca_rgb(fmap))]
+        cells += [(f"c{c}", colorize(normalize_map(fmap[c].numpy()))) for c in select_channels(fmap, shown)]
+        for k, (label, rgb) in enumerate(cells):
             x0 = pad + (k % cols) * (cell + gap)
             y0 = y + (k // cols) * (cell + gap)
-            rgb = colorize(normalize_map(plane.numpy()))
             tile = Image.fromarray(rgb, "RGB").resize((cell, cell), Image.Resampling.NEAREST)
             canvas.paste(tile, (x0, y0))
             label_w = draw.textlength(label, font=label_font)
