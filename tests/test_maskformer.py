@@ -366,3 +366,30 @@ def test_optimize_for_inference_agrees_with_plain_forward(kind, tmp_path):
     with torch.no_grad():
         assert fast(x, output_hidden_states=True).pixel_decoder_last_hidden_state is not None
     assert fast.optimize_for_inference(False)._fast_path is False
+
+
+@needs_resnet
+def test_seed_example_word_for_word(tmp_path, monkeypatch):
+    """The three backbone swaps of the README, with microsoft/resnet-50 served from a hub-shaped cache."""
+    from hub_cache import make_hub_cache, use_hub_cache
+
+    from timm_backbone import ResNetConfig
+
+    classifier = transformers.ResNetConfig(depths=[1, 1, 1, 1], num_labels=3)  # a classification config.json
+    classifier.save_pretrained(tmp_path / "src")
+    make_hub_cache(tmp_path / "hub", "microsoft/resnet-50", tmp_path / "src")
+    use_hub_cache(monkeypatch, tmp_path / "hub")
+    decoder = dict(decoder_layers=1, num_queries=5)
+    for backbone_config, stages in (
+        (ResNetConfig.from_pretrained("microsoft/resnet-50"), STAGES),
+        (ResNetConfig(depths=[1, 1, 1, 1]), STAGES),
+        (TimmBackboneConfig("resnet50"), ["layer1", "layer2", "layer3", "layer4"]),
+    ):
+        config = MaskFormerConfig(backbone_config=backbone_config, decoder_config=decoder)
+        model = MaskFormerForInstanceSegmentation(config).eval()
+        assert model.backbone.out_features == stages
+        assert model.model.pixel_level_module.decoder.fpn.stem[0].in_channels == model.backbone.channels[-1] == 2048
+        with torch.no_grad():
+            out = model(torch.randn(1, 3, SIZE, SIZE))
+        assert out.class_queries_logits.shape == (1, 5, config.num_labels + 1)
+        assert out.masks_queries_logits.shape == (1, 5, SIZE // 4, SIZE // 4)
