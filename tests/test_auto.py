@@ -190,13 +190,21 @@ def test_transformers_timm_backbone_folder_dispatches_by_model_type(tmp_path):
 
 
 def test_resnet_classification_checkpoint_gives_native_resnet(tmp_path):
-    ResNetBackbone = pytest.importorskip("timm_backbone").__dict__.get("ResNetBackbone")
-    if ResNetBackbone is None:
+    import timm_backbone
+
+    if not hasattr(timm_backbone, "ResNetBackbone"):
         pytest.skip("timm_backbone.ResNetBackbone cannot be imported (yet)")
     config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1])
+    torch.manual_seed(5)
     transformers.ResNetForImageClassification(config).save_pretrained(tmp_path)
     model = AutoBackbone.from_pretrained(tmp_path, out_indices=(1, 4))
-    assert type(model) is ResNetBackbone and model.channels == [8, 32]
+    assert type(model) is timm_backbone.ResNetBackbone and model.channels == [8, 32]
+    assert not model.load_report.missing_keys
+    theirs = transformers.ResNetBackbone.from_pretrained(tmp_path, out_indices=(1, 4)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for got, want in zip(model(x).feature_maps, theirs(x).feature_maps):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------- hub revisions
