@@ -232,3 +232,19 @@ def test_cli_convert(tmp_path, capsys):
     _assert_same_tensors(load_file(tmp_path / "t.safetensors"), state_dict)
     assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
     assert "timm-backbone convert: error:" in capsys.readouterr().err
+
+
+def test_cached_hub_repo_with_bin_weights(tmp_path, monkeypatch):
+    from hub_cache import make_hub_cache, use_hub_cache
+
+    arch, args, _, _ = TIMM_CASES["resnet_basic"]
+    state_dict = random_timm_state_dict(arch, 1, num_classes=5, **args)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "config.json").write_text(json.dumps({"architecture": arch, "num_classes": 5, "model_args": args}))
+    torch.save(state_dict, repo / "pytorch_model.bin")
+    use_hub_cache(monkeypatch, tmp_path / "hub")
+    make_hub_cache(tmp_path / "hub", "timm/resnet-tiny", repo)
+    result = convert_checkpoint("timm/resnet-tiny", tmp_path / "hf")
+    assert (result.family, result.source_layout, result.architecture) == ("resnet", "timm", "resnet18")
+    _assert_same_tensors(load_file(tmp_path / "hf" / "model.safetensors"), to_transformers(state_dict, "resnet"))
