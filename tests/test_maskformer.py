@@ -137,6 +137,20 @@ def test_auxiliary_loss_parity(tmp_path):
     assert all(p.grad is not None for p in ours.parameters() if p.requires_grad)
 
 
+def test_attentions_match_transformers(saved):
+    _, folder = saved
+    hf = transformers.MaskFormerForInstanceSegmentation.from_pretrained(folder, attn_implementation="eager").eval()
+    ours = MaskFormerForInstanceSegmentation.from_pretrained(folder)
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        expected = hf(x, output_attentions=True).attentions
+        actual = ours(x, output_attentions=True).attentions
+    assert len(actual) == len(expected) == DECODER["decoder_layers"]
+    for a, e in zip(actual, expected):
+        assert a.shape == (1, DECODER["decoder_attention_heads"], DECODER["num_queries"], DECODER["num_queries"])
+        _close(a, e)
+
+
 def test_model_without_heads_loads_task_checkpoint(saved):
     hf, folder = saved
     model = MaskFormerModel.from_pretrained(folder)
