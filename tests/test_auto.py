@@ -224,6 +224,9 @@ def test_revisions_resolve_in_the_cache(tmp_path):
         assert AutoConfig.from_pretrained("acme/two", cache_dir=cache, revision=revision).out_indices == expected
     with pytest.raises(OSError, match="'acme/two' is not a local folder and is not in the hub cache"):
         AutoConfig.from_pretrained("acme/two", cache_dir=cache, revision="v3")
+    # a branch or tag is pinned to its commit once found, so that every later file comes from that commit
+    assert auto.resolve_source("acme/two", cache_dir=cache).hub_kwargs["revision"] == main
+    assert auto.resolve_source("acme/two", cache_dir=cache, revision="stable").hub_kwargs["revision"] == tagged
     # a file known to be missing (.no_exist) is "not in the repo", not "not cached": the timm_backbone config's
     # model then gives the processor
     processor = AutoImageProcessor.from_pretrained("acme/two", cache_dir=cache)

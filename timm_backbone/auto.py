@@ -186,13 +186,27 @@ def resolve_source(src: str | os.PathLike, **hub_kwargs: Any) -> Source:
             tried.append(f"a timm model name: {err}")
     if looks_like_repo_id(name):
         try:
-            resolve_file(name, CONFIG_NAME, **hub_kwargs)  # raises when the repo is neither cached nor reachable
-            return Source(name, "hub", hub_kwargs)
+            path = resolve_file(name, CONFIG_NAME, **hub_kwargs)  # raises when neither cached nor reachable
         except OSError as err:
             tried.append(f"a hub repo: {err}")
+        else:
+            commit = _snapshot_commit(path)
+            if commit is not None:  # later files come from the same commit, even if the branch moves meanwhile
+                hub_kwargs = {**hub_kwargs, "revision": commit}
+            return Source(name, "hub", hub_kwargs)
     else:
         tried.append("a hub repo: it is not an id of the form 'org/name'")
     raise OSError(f"cannot find {name!r}; tried it as\n  - " + "\n  - ".join(tried))
+
+
+def _snapshot_commit(path: Path | None) -> str | None:
+    """The commit of a hub cache path ``.../snapshots/<commit>/...``, if it is one."""
+    parts = path.parts if path is not None else ()
+    if "snapshots" in parts[:-1]:
+        commit = parts[parts.index("snapshots") + 1]
+        if len(commit) == 40 and all(c in "0123456789abcdef" for c in commit):
+            return commit
+    return None
 
 
 def _config_class(model_type: str | None) -> type[PretrainedConfig] | None:
@@ -335,6 +349,7 @@ class AutoBackbone:
         source = resolve_source(src, **hub_kwargs)
         if source.kind in ("timm", "file"):
             return TimmBackbone.from_pretrained(source.name, **load_kwargs, **hub_kwargs, **kwargs)
+        hub_kwargs = source.hub_kwargs
         config_dict = source.read_json(CONFIG_NAME)
         if config_dict is None:
             raise OSError(f"{source.describe()} has no {CONFIG_NAME}")
@@ -454,7 +469,7 @@ class AutoImageProcessor:
             return AutoImageProcessor._from_processor_dict(processor_dict, source, kwargs)
         config_dict = source.read_json(CONFIG_NAME) or {}
         if "pretrained_cfg" in config_dict or config_dict.get("model_type") == "timm_backbone":
-            return TimmImageProcessor.from_pretrained(source.name, **hub_kwargs, **kwargs)
+            return TimmImageProcessor.from_pretrained(source.name, **source.hub_kwargs, **kwargs)
         raise OSError(
             f"{source.describe()} has no {PROCESSOR_NAME}, and its {CONFIG_NAME} is not a timm model's (no "
             f"pretrained_cfg); build a processor directly, e.g. ViTImageProcessor(size=224)"
