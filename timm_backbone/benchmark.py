@@ -327,9 +327,8 @@ class _Weights:
         if spec.family == "swin":
             self.timm_args["img_size"] = settings.input_size
         self.transformers = dict(to_transformers(self.timm))
-        everything = native_config(spec)
-        everything = native_config(spec, out_indices=list(range(len(everything.stage_names))))
-        full = backbone_class(everything)
+        num_stages = len(native_config(spec).stage_names)
+        full = backbone_class(native_config(spec, out_indices=list(range(num_stages))))
         generator = torch.Generator().manual_seed(settings.seed + 2)
         for key, value in full.state_dict_for_save().items():
             if key.startswith("hidden_states_norms."):
@@ -459,10 +458,11 @@ def _run_one(
     norm_weights = {k: v for k, v in weights.transformers.items() if k.startswith("hidden_states_norms.")}
     indices = settings.stages if settings.stages is not None else range(len(weights.stage_names))
     warmup = max(settings.warmup, 2) if mode == "compile" else settings.warmup
+    bad = [i for i in indices if not 0 <= i < len(weights.stage_names)]
+    if bad:
+        raise ValueError(f"stages {bad} out of range; {spec.key} has stages 0..{len(weights.stage_names) - 1}")
     stages = []
     for index in indices:
-        if not 0 <= index < len(weights.stage_names):
-            raise ValueError(f"stage {index} out of range; {spec.key} has stages 0..{len(weights.stage_names) - 1}")
         name = weights.stage_names[index]
         models = _build_contenders(spec, weights, index, dtype, settings, with_tf)
         runners = {n: (torch.compile(m) if mode == "compile" else m) for n, m in models.items()}
