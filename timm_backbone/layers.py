@@ -67,8 +67,14 @@ def _mkldnn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.dtype == weight.dtype == torch.float32
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
+        and not is_tracing()
     )
+
+
+def is_tracing() -> bool:
+    """Inside torch.compile / torch.export / TorchScript tracing, where caches and oneDNN-only ops must stay out."""
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or bool(exporting and exporting())
 
 
 def linear(x: torch.Tensor, layer: nn.Linear, act: str = "none", fast: bool = True) -> torch.Tensor:
