@@ -267,11 +267,11 @@ def convert_checkpoint(
         src_config = {"architecture": architecture}
     notes: list[str] = []
 
-    timm_state = state_dict if layout == "timm" else to_timm(state_dict, family)
-    hf_state = state_dict if layout == "transformers" else to_transformers(state_dict, family)
-    out_state = hf_state if to == "transformers" else timm_state
     if to == layout:
-        notes.append(f"the source is in {layout}'s layout already; tensors are written unchanged")
+        out_state = state_dict
+        notes.append(f"the source is already in the {layout} layout; tensors are written unchanged")
+    else:
+        out_state = to_transformers(state_dict, family) if to == "transformers" else to_timm(state_dict, family)
     arch, model_args, native = _describe(family, layout, src_config, src)
     if to == "timm" and family == "swin" and "norm.weight" not in out_state:
         out_state = _with_identity_norm(out_state, native, notes)
