@@ -224,6 +224,11 @@ def test_revisions_resolve_in_the_cache(tmp_path):
         assert AutoConfig.from_pretrained("acme/two", cache_dir=cache, revision=revision).out_indices == expected
     with pytest.raises(OSError, match="'acme/two' is not a local folder and is not in the hub cache"):
         AutoConfig.from_pretrained("acme/two", cache_dir=cache, revision="v3")
+    with pytest.raises(
+        OSError,
+        match=r"hub repo 'acme/two' at revision '[0-9a-f]{40}' has none of the weight files .*\(hub access is off",
+    ):
+        AutoBackbone.from_pretrained("acme/two", cache_dir=cache)  # only config.json was ever downloaded
     # a branch or tag is pinned to its commit once found, so that every later file comes from that commit
     assert auto.resolve_source("acme/two", cache_dir=cache).hub_kwargs["revision"] == main
     assert auto.resolve_source("acme/two", cache_dir=cache, revision="stable").hub_kwargs["revision"] == tagged

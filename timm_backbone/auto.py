@@ -17,7 +17,16 @@ from typing import Any
 import torch
 
 from .configuration import PretrainedConfig, pop_hub_kwargs
-from .hub import CONFIG_NAME, looks_like_repo_id, read_json, resolve_file
+from .hub import (
+    CONFIG_NAME,
+    WEIGHT_FILE_NAMES,
+    is_offline,
+    load_weights,
+    looks_like_repo_id,
+    read_json,
+    resolve_file,
+    resolve_weights,
+)
 from .image_processing import PROCESSOR_NAME
 
 # model_type -> config class, and model_type -> backbone class; extended by register()
@@ -154,6 +163,12 @@ class Source:
             self._json[filename] = read_json(path) if path is not None else None
         return self._json[filename]
 
+    def offline_note(self) -> str:
+        """For messages about a missing file: offline, a cached repo may simply lack files never downloaded."""
+        if self.kind == "hub" and is_offline(self.hub_kwargs.get("local_files_only", False)):
+            return " in the local hub cache (hub access is off: files never downloaded are not there)"
+        return ""
+
     def describe(self) -> str:
         where = {"folder": "local folder", "hub": "hub repo", "timm": "timm model", "file": "file"}[self.kind]
         revision = self.hub_kwargs.get("revision")
@@ -288,7 +303,7 @@ class AutoConfig:
             return AutoConfig.from_dict(read_json(source.name), **kwargs)
         config_dict = source.read_json(CONFIG_NAME)
         if config_dict is None:
-            raise OSError(f"{source.describe()} has no {CONFIG_NAME}")
+            raise OSError(f"{source.describe()} has no {CONFIG_NAME}{source.offline_note()}")
         config = AutoConfig.from_dict(config_dict, **kwargs)
         config.name_or_path = source.name
         return config
@@ -352,7 +367,7 @@ class AutoBackbone:
         hub_kwargs = source.hub_kwargs
         config_dict = source.read_json(CONFIG_NAME)
         if config_dict is None:
-            raise OSError(f"{source.describe()} has no {CONFIG_NAME}")
+            raise OSError(f"{source.describe()} has no {CONFIG_NAME}{source.offline_note()}")
         if _is_timm_repo_config(config_dict):
             return TimmBackbone.from_pretrained(source.name, **load_kwargs, **hub_kwargs, **kwargs)
         config = load_kwargs.pop("config", None)
@@ -369,6 +384,10 @@ class AutoBackbone:
         if kwargs:
             config = type(config).from_dict(config.to_dict(), **kwargs)
         cls = AutoBackbone.backbone_class(config)
+        if source.kind == "hub" and resolve_weights(source.name, **hub_kwargs) is None:
+            raise OSError(
+                f"{source.describe()} has none of the weight files {list(WEIGHT_FILE_NAMES)}{source.offline_note()}"
+            )
         return cls.from_pretrained(source.name, config=config, **load_kwargs, **hub_kwargs)
 
     @staticmethod
@@ -377,8 +396,6 @@ class AutoBackbone:
     ) -> Any:
         """The backbone inside a task model's checkpoint (MaskFormer): ``config.backbone_config`` with the weights
         found under the task's backbone prefix, through the backbone's own key mapping."""
-        from .hub import WEIGHT_FILE_NAMES, load_weights, resolve_weights
-
         backbone_config = getattr(config, "backbone_config", None)
         if not _is_backbone_config(backbone_config):
             raise ValueError(
@@ -388,7 +405,9 @@ class AutoBackbone:
         model = AutoBackbone.from_config(backbone_config)
         weights = resolve_weights(source.name, **source.hub_kwargs)
         if weights is None:
-            raise OSError(f"{source.describe()} has none of the weight files {list(WEIGHT_FILE_NAMES)}")
+            raise OSError(
+                f"{source.describe()} has none of the weight files {list(WEIGHT_FILE_NAMES)}{source.offline_note()}"
+            )
         prefix = TASK_BACKBONE_PREFIXES[config.model_type]
         state_dict = load_weights(weights, src=source.name, **source.hub_kwargs)
         # keys such as "model.pixel_level_module.encoder.<backbone key>", with or without the task's "model."
@@ -472,7 +491,7 @@ class AutoImageProcessor:
             return TimmImageProcessor.from_pretrained(source.name, **source.hub_kwargs, **kwargs)
         raise OSError(
             f"{source.describe()} has no {PROCESSOR_NAME}, and its {CONFIG_NAME} is not a timm model's (no "
-            f"pretrained_cfg); build a processor directly, e.g. ViTImageProcessor(size=224)"
+            f"pretrained_cfg){source.offline_note()}; build a processor directly, e.g. ViTImageProcessor(size=224)"
         )
 
     @staticmethod
