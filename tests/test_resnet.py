@@ -211,6 +211,7 @@ def test_timm_hub_repo_folder_and_name(tmp_path):
     ("call", "error", "match"),
     [
         (lambda: ResNetConfig.from_timm("resnet50d"), ValueError, r"not a plain ResNet.*resnet18"),
+        (lambda: ResNetBackbone.from_pretrained("wide_resnet50_2"), ValueError, r"not a plain ResNet.*TimmBackbone"),
         (
             lambda: ResNetConfig.from_timm({"architecture": "resnet50", "model_args": {"output_stride": 16}}),
             ValueError,
@@ -233,7 +234,7 @@ def test_input_and_loading_errors(tmp_path):
         model(torch.randn(1, 1, 32, 32))
     with pytest.raises(ValueError, match="no attention"):
         model(torch.randn(1, 3, 32, 32), output_attentions=True)
-    save_file(model.state_dict(), tmp_path / "weights.safetensors")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "weights.safetensors")
     with pytest.raises(ValueError, match=r"needs config=.*from_timm"):
         ResNetBackbone.from_pretrained(tmp_path / "weights.safetensors")
     wrong = {k: v for k, v in model.state_dict().items()}
@@ -310,3 +311,23 @@ def test_only_requested_stages_run():
     # stages after the deepest one have no trainable parameters (DDP needs no find_unused_parameters)
     trainable = {n.split(".")[2] for n, p in model.named_parameters() if p.requires_grad and n.startswith("encoder")}
     assert trainable == {"0", "1"}
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_in_place_batch_norm_matches_module_path(frozen):
+    """Eval mode without autograd scales the conv outputs in place; with autograd the BatchNorm modules run."""
+    model = ResNetBackbone(ResNetConfig(**TINY_BOTTLENECK, out_indices=ALL, freeze_batch_norm_2d=frozen)).eval()
+    _perturb_batch_norm(model)
+    if frozen:
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, FrozenBatchNorm2d):
+                    module.running_var.uniform_(0.5, 1.5)
+                    module.bias.normal_(0, 0.1)
+        model.train()  # frozen statistics: training mode computes the same
+    x = torch.randn(2, 3, 37, 41)
+    with torch.no_grad():
+        in_place = model(x, output_hidden_states=True).hidden_states
+    with_modules = model(x, output_hidden_states=True).hidden_states
+    for a, e in zip(in_place, with_modules):
+        _close(a, e.detach())

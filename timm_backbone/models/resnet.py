@@ -4,8 +4,9 @@ The modules mirror transformers' ``ResNetModel`` (same state-dict keys, so its c
 files load in transformers). timm's and torchvision's ``resnet18/26/34/50/101/152/200`` checkpoints share one layout
 and map onto it key for key (:func:`resnet_timm_to_transformers`).
 
-Speed: the forward computes in ``channels_last`` (oneDNN's and cuDNN's fast layout; returned maps are plain contiguous
-NCHW) and runs only the stages up to the deepest selected one.
+Speed: convolution weights are ``channels_last`` and the forward computes in that layout (returned maps are plain
+contiguous NCHW); in eval mode without autograd BatchNorm runs in place on the conv output; only the stages up to the
+deepest selected one run.
 :meth:`ResNetBackbone.optimize_for_inference` adds an eval-only path with BatchNorm folded into the convolutions
 and, on CPU, oneDNN's fused conv+bias+add+ReLU kernels on pre-packed weights; the parameters are left untouched,
 so it is reversible and saving is unaffected.
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from ..backbone import BackboneMixin, BackboneOutput
-from ..configuration import BackboneConfigMixin, PretrainedConfig
+from ..configuration import BackboneConfigMixin, PretrainedConfig, pop_hub_kwargs
 from ..hub import CONFIG_NAME, read_json, resolve_file
 from ..layers import FoldedConv, freeze_batch_norm_2d, get_activation, onednn_fusion_available
 from ..modeling import PreTrainedModel
@@ -148,7 +149,7 @@ class ResNetConfig(BackboneConfigMixin, PretrainedConfig):
             name_or_config: See above.
             **kwargs: Field overrides (``out_indices``...) and hub arguments (``cache_dir``, ``revision``...).
         """
-        hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+        hub_kwargs = pop_hub_kwargs(kwargs)
         if isinstance(name_or_config, dict):
             timm_config = dict(name_or_config)
         else:
@@ -178,6 +179,17 @@ def _activation(name: str | None) -> nn.Module:
     return act
 
 
+def _conv_norm(conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm(conv(x))``. In eval mode with autograd off, BatchNorm (then an affine map of its running statistics)
+    scales and shifts the conv output in place: one pass and no new tensor, where ``F.batch_norm`` writes a copy."""
+    y = conv(x)
+    if torch.is_grad_enabled() or (norm.training and isinstance(norm, nn.BatchNorm2d)):
+        return norm(y)
+    scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+    shift = norm.bias - norm.running_mean * scale
+    return torch.addcmul(shift[:, None, None], y, scale[:, None, None], out=y)
+
+
 class ResNetConvLayer(nn.Module):
     """Convolution (no bias, ``kernel_size // 2`` padding) + BatchNorm + activation (none when ``activation`` is
     ``None``)."""
@@ -198,7 +210,7 @@ class ResNetConvLayer(nn.Module):
         self.activation = _activation(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.normalization(self.convolution(x)))
+        return self.activation(_conv_norm(self.convolution, self.normalization, x))
 
 
 class ResNetShortCut(nn.Module):
@@ -210,7 +222,7 @@ class ResNetShortCut(nn.Module):
         self.normalization = nn.BatchNorm2d(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.normalization(self.convolution(x))
+        return _conv_norm(self.convolution, self.normalization, x)
 
 
 class ResNetBlock(nn.Module):
@@ -365,8 +377,10 @@ class ResNetBackbone(BackboneMixin, PreTrainedModel):
     the others keep their weights, so files stay transformers-compatible, but their parameters are frozen
     (``requires_grad=False``) so that DDP needs no ``find_unused_parameters``.
 
-    The forward converts the input to ``channels_last`` and returns contiguous NCHW maps; set ``channels_last =
-    False`` on the instance to compute in NCHW instead.
+    Convolution weights are ``channels_last`` (as timm's ``--channels-last``), so the forward computes in that
+    layout; it returns contiguous NCHW maps. ``model.to(memory_format=torch.contiguous_format)`` computes in NCHW.
+    ``save_pretrained`` writes contiguous tensors; to write ``state_dict()`` with safetensors' ``save_file``
+    yourself, make its tensors ``.contiguous()`` (``save_model`` does).
     """
 
     config_class = ResNetConfig
@@ -386,7 +400,7 @@ class ResNetBackbone(BackboneMixin, PreTrainedModel):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
         if config.freeze_batch_norm_2d:
             freeze_batch_norm_2d(self)
-        self.channels_last = True
+        self.to(memory_format=torch.channels_last)
         deepest = max(self.out_indices)
         for stage in self.encoder.stages[deepest:]:
             stage.requires_grad_(False)
@@ -443,7 +457,8 @@ class ResNetBackbone(BackboneMixin, PreTrainedModel):
         if self._optimized and not self.training and not torch.is_grad_enabled():
             states = self._inference_plan()(pixel_values.contiguous(memory_format=torch.channels_last), num_stages)
         else:
-            if self.channels_last:
+            weight = self.embedder.embedder.convolution.weight
+            if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
                 pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
             x = self.embedder(pixel_values)
             states = [x]
@@ -519,10 +534,14 @@ def _timm_repo(src: str) -> str:
     """The hub repo of a timm name (``resnet50.a1_in1k`` -> ``timm/resnet50.a1_in1k``); other sources unchanged."""
     if src.startswith("hf-hub:"):
         return src[len("hf-hub:") :]
-    if "/" in src or os.path.exists(src) or src.split(".")[0] not in TIMM_RESNET_VARIANTS:
+    if "/" in src or os.path.exists(src):
         return src
     import timm
 
+    if src.split(".")[0] not in TIMM_RESNET_VARIANTS:
+        if timm.is_model(src.split(".")[0]):
+            ResNetConfig.timm_fields(src)  # raises: a timm model, but not a plain ResNet
+        return src
     try:
         pretrained_cfg = timm.models.get_pretrained_cfg(src)
     except RuntimeError as err:  # an unknown tag
