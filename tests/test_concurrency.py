@@ -1,0 +1,149 @@
+"""Long-running services (issue 8): one model shared by several threads, and memory over many input sizes.
+
+Native Swin keeps per-geometry caches (attention masks, window indices) and native ResNet an inference plan; both are
+exercised from several threads at once with more geometries than the caches hold, so evictions race with lookups.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from tiny_backbones import build
+from torch import nn
+
+SELECTIONS = {"timm-list": (1, 2, 3, 4), "timm-getter": (1, 3, 5), "swin": (1, 2, 3, 4), "resnet": (1, 2, 3, 4)}
+# (batch, height, width): multiples of 16 (timm ViT's patch) from 32 up, square and not; more than Swin's cache holds
+GEOMETRIES = [(1 + i % 2, 32 + 16 * (i % 5), 32 + 16 * (i // 5)) for i in range(10)]
+
+
+def _model(name: str) -> nn.Module:
+    if name == "resnet-optimized":  # the fused inference path and its cached plan
+        return build("resnet", out_indices=SELECTIONS["resnet"]).optimize_for_inference()
+    return build(name, out_indices=SELECTIONS[name])
+
+
+def _clear_caches(model: nn.Module) -> None:
+    for module in model.modules():
+        cache = getattr(module, "_mask_cache", None)
+        if cache is not None:
+            cache.clear()
+    if hasattr(model, "_plan"):
+        model._plan = None
+
+
+@pytest.mark.parametrize("name", [*SELECTIONS, "resnet-optimized"])
+def test_concurrent_forwards_match_serial(name):
+    model = _model(name)
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(b, 3, h, w, generator=generator) for b, h, w in GEOMETRIES]
+    with torch.no_grad():
+        serial = [model(x).feature_maps for x in inputs]
+    _clear_caches(model)  # the threads fill the caches themselves, racing each other
+    jobs = list(range(len(inputs))) * 2
+    random.Random(0).shuffle(jobs)
+
+    def run(i: int) -> tuple[int, tuple[torch.Tensor, ...]]:
+        with torch.no_grad():
+            return i, model(inputs[i]).feature_maps
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(run, jobs))
+    assert len(results) == len(jobs)
+    for i, maps in results:
+        for got, expected in zip(maps, serial[i], strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_concurrent_forwards_with_hidden_states_and_selections():
+    """Different call options from different threads do not leak into each other's outputs."""
+    model = _model("swin")
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        plain = model(x)
+        hidden = model(x, output_hidden_states=True)
+        attentions = model(x, output_attentions=True)
+    calls = [{}, {"output_hidden_states": True}, {"output_attentions": True}] * 6
+
+    def run(kwargs):
+        with torch.no_grad():
+            return kwargs, model(x, **kwargs)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        for kwargs, out in pool.map(run, calls):
+            expected = hidden if kwargs.get("output_hidden_states") else plain
+            expected = attentions if kwargs.get("output_attentions") else expected
+            torch.testing.assert_close(out.feature_maps, expected.feature_maps)
+            assert (out.hidden_states is None) == (expected.hidden_states is None)
+            assert (out.attentions is None) == (expected.attentions is None)
+
+
+def _live_tensor_bytes() -> int:
+    """Bytes of every tensor storage reachable from Python (parameters, buffers, caches, outputs not yet freed)."""
+    gc.collect()
+    storages = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance on some torch module objects warns about deprecations
+        for obj in gc.get_objects():
+            if not isinstance(obj, torch.Tensor) or obj.device.type == "meta":
+                continue
+            try:
+                storage = obj.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+            except NotImplementedError:  # opaque tensors (oneDNN packed weights) have no storage to share
+                storages[("opaque", id(obj))] = obj.numel() * obj.element_size()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "swin",
+        "resnet-optimized",
+        "timm-list",
+        pytest.param("timm-getter", marks=pytest.mark.slow),
+        pytest.param("resnet", marks=pytest.mark.slow),
+    ],
+)
+def test_memory_stays_bounded_over_many_input_sizes(name):
+    model = _model(name)
+    # steps of 28 pixels give Swin (patch 4, window 7) a new window grid each time; ViT needs multiples of 16
+    sides = [32, 48, 64, 80, 96] if name == "timm-getter" else [32, 60, 88, 116, 144]
+    first = [(1, h, w) for h in sides for w in sides if h < w]  # 10 geometries: more than Swin's caches hold
+    second = [(1, w, h) for _, h, w in first]  # 10 others with the same sizes, transposed
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+        baseline = _live_tensor_bytes()
+        for b, h, w in first:
+            model(torch.randn(b, 3, h, w))
+        after_first = _live_tensor_bytes()
+        for b, h, w in second:
+            model(torch.randn(b, 3, h, w))
+        after_second = _live_tensor_bytes()
+    # caches may fill up during the first sweep, but a bounded cache holds no more after the second
+    growth_first, growth_second = after_first - baseline, after_second - baseline
+    assert growth_second <= 1.5 * growth_first + 64 * 1024, (baseline, after_first, after_second)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["swin", "resnet-optimized", "timm-list"])
+def test_memory_plateaus_over_many_rounds_of_new_sizes(name):
+    """56 geometries in 4 rounds: more than any cache holds, so bounded caches stop growing after the first rounds
+    (an unbounded mask cache keeps adding about a quarter each round)."""
+    model = _model(name)
+    sides = [32 + 28 * k for k in range(8)]
+    geometries = [(h, w) for h in sides for w in sides if h != w]
+    random.Random(0).shuffle(geometries)
+    growth = []
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+        baseline = _live_tensor_bytes()
+        for r in range(4):
+            for h, w in geometries[r::4]:
+                model(torch.randn(1, 3, h, w))
+            growth.append(_live_tensor_bytes() - baseline)
+    assert growth[-1] <= 1.05 * max(growth[:-1]) + 16 * 1024, growth
