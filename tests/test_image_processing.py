@@ -385,3 +385,15 @@ def test_pad_and_resize_helpers():
     assert torch.equal(resize(gray, (15, 20), "bicubic", backend="pil")[0], torch.from_numpy(want.copy()))
     as_float = resize(gray.float(), (15, 20), 3, backend="pil")
     assert as_float.dtype == torch.float32 and (as_float - torch.from_numpy(want.copy()).float()).abs().max() <= 1
+
+
+def test_output_sizes_match_transformers_arithmetic():
+    from transformers.image_transforms import get_size_with_aspect_ratio
+
+    for height in range(20, 400, 17):
+        for width in range(20, 400, 23):
+            for shortest, longest in [(32, 50), (64, 120), (100, 1333), (800, 1333)]:
+                capped = get_output_size(height, width, {"shortest_edge": shortest, "longest_edge": longest})
+                assert capped == get_size_with_aspect_ratio((height, width), shortest, longest), (height, width)
+                plain = get_output_size(height, width, {"shortest_edge": shortest})
+                assert plain == get_size_with_aspect_ratio((height, width), shortest), (height, width)

@@ -221,7 +221,12 @@ def get_output_size(height: int, width: int, size: dict[str, int]) -> tuple[int,
         short, long = min(height, width), max(height, width)
         target = size["shortest_edge"]
         if "longest_edge" in size and long / short * target > size["longest_edge"]:
-            target = round(size["longest_edge"] * short / long)
+            # the long side is capped; it comes from the unrounded short side, as in transformers (DETR)
+            raw = size["longest_edge"] * short / long
+            target = round(raw)
+            if short == target:
+                return height, width
+            return (int(raw * height / width), target) if width < height else (target, int(raw * width / height))
         return shortest_edge_size(height, width, target)
     scale = size["longest_edge"] / max(height, width)
     return max(1, round(height * scale)), max(1, round(width * scale))
