@@ -11,7 +11,12 @@ from safetensors.torch import load_file, save_file
 
 from timm_backbone import SwinBackbone, SwinConfig
 from timm_backbone.auto import AutoBackbone, AutoConfig
-from timm_backbone.models.swin import SwinWindowAttention, swin_timm_to_transformers, swin_transformers_to_timm
+from timm_backbone.models.swin import (
+    TIMM_SWIN_VARIANTS,
+    SwinWindowAttention,
+    swin_timm_to_transformers,
+    swin_transformers_to_timm,
+)
 
 TINY = dict(image_size=32, embed_dim=16, depths=[1, 2, 1], num_heads=[1, 2, 4], window_size=4)
 
@@ -344,6 +349,9 @@ def test_errors():
     model = SwinBackbone(SwinConfig(**TINY))
     with pytest.raises(ValueError, match="expects 3"):
         model(torch.randn(1, 1, 32, 32))
+    model.config.out_indices = (1, 3)
+    with pytest.raises(ValueError, match=r"stages \['stage1'\] were selected after the backbone was built"):
+        model(torch.randn(1, 3, 32, 32))
 
 
 @pytest.mark.slow  # two spawned processes: ~30 s on two busy cores
@@ -357,3 +365,20 @@ def test_ddp_early_out_indices_without_find_unused(tmp_path):
 
     torch.multiprocessing.spawn(run, args=(2, str(tmp_path / "grad.pt")), nprocs=2, join=True)
     assert torch.load(tmp_path / "grad.pt").abs().sum() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(TIMM_SWIN_VARIANTS))
+def test_timm_standard_variants_load(name):
+    """Every standard timm Swin maps onto the native layout key for key and shape for shape; tiny runs at parity."""
+    reference = timm.create_model(name).eval()
+    state = reference.state_dict()
+    model = SwinBackbone(SwinConfig.from_timm(name, out_indices=(1, 2, 3, 4)))
+    report = model.load_checkpoint(state, strict=False)
+    assert all(k.startswith("hidden_states_norms.") for k in report.missing_keys) and not report.unexpected_keys
+    if name == "swin_tiny_patch4_window7_224":
+        x = torch.randn(1, 3, 224, 224)
+        with torch.no_grad():
+            expected = reference.forward_intermediates(x, intermediates_only=True)
+            for a, e in zip(model.eval()(x, output_hidden_states=True).hidden_states[1:], expected):
+                _close(a, e)

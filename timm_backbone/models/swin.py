@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from ..backbone import BackboneMixin, BackboneOutput
 from ..configuration import BackboneConfigMixin, PretrainedConfig
 from ..layers import DropPath, Mlp, is_tracing, linear, window_partition
-from ..modeling import PreTrainedModel
+from ..modeling import LoadReport, PreTrainedModel
 from .swin_convert import (
     native_keys_from_any,
     native_to_transformers,
@@ -573,6 +573,13 @@ class SwinBackbone(BackboneMixin, PreTrainedModel):
                                     else output_hidden_states)  # fmt: skip
         output_attentions = bool(getattr(cfg, "output_attentions", False) if output_attentions is None
                                  else output_attentions)  # fmt: skip
+        unbuilt = [name for name in self.out_features if name not in self.hidden_states_norms]
+        if unbuilt:
+            raise ValueError(
+                f"stages {unbuilt} were selected after the backbone was built, so it has no norms for them (it has "
+                f"{list(self.hidden_states_norms)}); build it with that selection, e.g. "
+                f"SwinBackbone.from_pretrained(src, out_features={self.out_features})"
+            )
         num_run = len(self.layers) if output_hidden_states or output_attentions else max(self.out_indices)
 
         x = self.patch_embed(pixel_values)  # B, H, W, C
@@ -608,7 +615,9 @@ class SwinBackbone(BackboneMixin, PreTrainedModel):
         """transformers' ``SwinBackbone`` layout: separate query/key/value, ``embeddings.`` / ``encoder.`` keys."""
         return native_to_transformers(self.state_dict())
 
-    def load_checkpoint(self, state_dict: dict[str, torch.Tensor], strict: bool = False, source: str = "") -> Any:
+    def load_checkpoint(
+        self, state_dict: dict[str, torch.Tensor], strict: bool = False, source: str = ""
+    ) -> LoadReport:
         report = super().load_checkpoint(state_dict, strict=strict, source=source)
         for module in self.modules():  # weights changed: drop cached masks
             if isinstance(module, SwinWindowAttention):
