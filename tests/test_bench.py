@@ -89,6 +89,13 @@ def test_markdown_chart_and_files(report, tmp_path):
     assert "| stage | shape | latency ms (timm / native / transformers) |" in text
     assert "| 0 stem | 16x16x16 | – / " in text  # timm has no Swin stem output
     assert text.count("| 4 stage4 |") == 2
+    summary = [line for line in text.splitlines() if line.startswith("| swin_tiny_test | fp32 | 2 | eager |")]
+    cells = [c.strip() for c in summary[0].strip("|").split("|")]
+    last = report["runs"][0]["stages"][-1]["latency_ms"]
+    assert cells[4] == " / ".join(f"{last[n]:.1f}" for n in ("timm", "native", "transformers"))
+    assert cells[5] == f"{last['timm'] / last['native']:.2f}x"
+    worst = max(s["max_abs_diff"]["timm"] for s in report["runs"][0]["stages"][1:])
+    assert cells[6] == f"{worst:.1e}"
     assert "timm's act1 is max-pooled" in text and "hidden_states_norms" in text
     picture = bench_chart(report)
     assert picture.size == (900, 56 + 2 * 260 + 10)

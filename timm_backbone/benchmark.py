@@ -504,8 +504,30 @@ def _cell(values: dict[str, Any], names: Sequence[str], fmt: str) -> str:
     return " / ".join(format(values[n], fmt) if values.get(n) is not None else "–" for n in names)
 
 
+def summary_markdown(runs: Sequence[dict], contenders: Sequence[str]) -> str:
+    """One line per run: the full-depth latency of each contender and the worst stage difference."""
+    order = " / ".join(contenders)
+    lines = [
+        f"| model | dtype | batch | mode | full-depth latency ms ({order}) | native speed-up vs timm | "
+        f"worst max abs diff native vs timm | vs transformers |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        last = run["stages"][-1]["latency_ms"]
+        ratio = f"{last['timm'] / last['native']:.2f}x" if "timm" in last else "–"
+        worst = []
+        for other in ("timm", "transformers"):
+            values = [s["max_abs_diff"][other] for s in run["stages"] if s["max_abs_diff"][other] is not None]
+            worst.append(f"{max(values):.1e}" if values else "–")
+        lines.append(
+            f"| {run['model']} | {run['dtype']} | {run['batch']} | {run['mode']} | {_cell(last, contenders, '.1f')} | "
+            f"{ratio} | {worst[0]} | {worst[1]} |"
+        )
+    return "\n".join(lines)
+
+
 def markdown_report(report: dict) -> str:
-    """The report as markdown: the machine line, then one table per run."""
+    """The report as markdown: the machine line, a summary, then one table per run."""
     m = report["machine"]
     contenders = report["settings"]["contenders"]
     lines = [
@@ -515,6 +537,7 @@ def markdown_report(report: dict) -> str:
         "",
     ]
     order = " / ".join(contenders)
+    lines += [summary_markdown(report["runs"], contenders), ""]
     for run in report["runs"]:
         lines.append(
             f"**{run['model']}** ({run['timm_name']}), {run['dtype']}, batch {run['batch']}, "
