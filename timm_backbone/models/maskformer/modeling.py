@@ -92,6 +92,10 @@ class MaskFormerPixelLevelModule(nn.Module):
         self.decoder = MaskFormerPixelDecoder(
             list(self.encoder.channels), config.fpn_feature_size, config.mask_feature_size
         )
+        if hasattr(self.encoder, "optimize_for_inference"):
+            # the backbone's own inference path (same numbers, eval without autograd only) is on by default here:
+            # its maps are consumed by the FPN, so their memory format never reaches the user's code
+            self.encoder.optimize_for_inference(True).train(self.training)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, list]:
         features = tuple(self.encoder(pixel_values, return_dict=True).feature_maps)
@@ -324,8 +328,9 @@ class MaskFormerForInstanceSegmentation(_MaskFormerWeights, PreTrainedModel):
 
     def optimize_for_inference(self, enabled: bool = True) -> MaskFormerForInstanceSegmentation:
         """Switch the eval-mode forward without autograd to a faster path with the same logits (to float rounding):
-        the backbone's own inference path when it has one (ResNet: BatchNorm folded into fused oneDNN convolutions),
-        and the mask projection folded into the query embeddings (:func:`fused_mask_logits`).
+        the mask projection folded into the query embeddings (:func:`fused_mask_logits`), and the backbone's own
+        inference path when it has one (ResNet: BatchNorm folded into fused oneDNN convolutions; MaskFormer turns
+        that one on when it is built).
 
         The parameters are not changed; training and gradients use the plain path, and
         ``optimize_for_inference(False)`` turns it off. On the fast path ``pixel_decoder_last_hidden_state`` is not
