@@ -505,10 +505,10 @@ def _cell(values: dict[str, Any], names: Sequence[str], fmt: str) -> str:
 
 
 def summary_markdown(runs: Sequence[dict], contenders: Sequence[str]) -> str:
-    """One line per run: the full-depth latency of each contender and the worst stage difference."""
+    """One line per run: each contender's latency at the deepest stage run, and the worst stage difference."""
     order = " / ".join(contenders)
     lines = [
-        f"| model | dtype | batch | mode | full-depth latency ms ({order}) | native speed-up vs timm | "
+        f"| model | dtype | batch | mode | last-stage latency ms ({order}) | native speed-up vs timm | "
         f"worst max abs diff native vs timm | vs transformers |",
         "|---|---|---|---|---|---|---|---|",
     ]
