@@ -193,3 +193,43 @@ def test_torchscript_script_of_timm_feature_list():
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
         _close(scripted(x), [model(x, output_hidden_states=True).hidden_states[i] for i in model._held])
+
+
+# MaskFormer ----------------------------------------------------------------------------------------------------------
+def _maskformer() -> nn.Module:
+    from timm_backbone import MaskFormerConfig, MaskFormerForInstanceSegmentation, ResNetConfig
+
+    backbone = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[1] * 4, out_indices=[1, 2, 3, 4])
+    decoder = {"d_model": 32, "decoder_layers": 2, "num_queries": 10, "decoder_attention_heads": 2}
+    config = MaskFormerConfig(
+        backbone_config=backbone,
+        decoder_config={**decoder, "decoder_ffn_dim": 64, "dropout": 0.0},
+        fpn_feature_size=32,
+        mask_feature_size=32,
+        num_labels=5,
+    )
+    return MaskFormerForInstanceSegmentation(config).eval()
+
+
+@pytest.mark.slow
+def test_maskformer_exports_to_torch_export_and_onnx(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    model = _maskformer()
+    program = torch.export.export(
+        model, (torch.randn(2, 3, SIZE, SIZE),), dynamic_shapes=({0: Dim("batch", min=1, max=64)},)
+    )
+    x = torch.randn(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        expected = model(x)
+    got = program.module()(x)
+    _close(
+        [got.class_queries_logits, got.masks_queries_logits],
+        [expected.class_queries_logits, expected.masks_queries_logits],
+    )
+    path = tmp_path / "maskformer.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(program, dynamo=True, optimize=False, verbose=False).save(str(path))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    _close([torch.from_numpy(o) for o in outputs[:2]], [expected.class_queries_logits, expected.masks_queries_logits])
