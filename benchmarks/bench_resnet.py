@@ -8,6 +8,7 @@ share of a plain fp32 matmul measured in the same loop.
 
     python benchmarks/bench_resnet.py                 # resnet50, batch 4, 224 px, 15 repeats
     python benchmarks/bench_resnet.py --quick         # 5 repeats
+    python benchmarks/bench_resnet.py --threads 1       # on a machine shared with other jobs (OpenMP threads stall)
     python benchmarks/bench_resnet.py --model resnet18 --batch 1 --size 320 --output results/bench_resnet.json
 
 Contenders: ``transformers`` (its ResNetBackbone), ``timm`` (``features_only``, NCHW: timm's default),
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -108,6 +110,7 @@ def run(args: argparse.Namespace) -> dict:
         "model_gflop_per_forward": model_flops / 1e9,
         "matmul_gflops": matmul_gflops,
         "machine": machine_info("cpu"),
+        "load_average": list(os.getloadavg()),  # other work on the machine makes every number slower and noisier
         "results": rows,
     }
 
@@ -116,7 +119,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"{report['model']}, batch {report['batch']} at {report['size']} px, fp32 eval, stage1..4, median of "
         f"{report['repeats']}; {report['model_gflop_per_forward']:.1f} GFLOP per forward; plain matmul "
-        f"{report['matmul_gflops']:.1f} GFLOP/s; threads {report['machine']['torch_threads']}",
+        f"{report['matmul_gflops']:.1f} GFLOP/s; threads {report['machine']['torch_threads']}; load average "
+        f"{report['load_average'][0]:.1f} on {report['machine']['cpu_count']} cores",
         "",
         f"| contender | ms | vs transformers | vs timm | GFLOP/s | % of matmul | rel diff vs {report['reference']} |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -140,13 +144,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--matmul-size", type=int, default=2048, help="side of the reference square matmul")
     parser.add_argument("--quick", action="store_true", help="5 repeats, 1 warmup")
-    parser.add_argument("--output", default="bench_resnet.json", help="where to write the JSON report")
+    parser.add_argument("--output", default="bench_resnet.json", help="JSON report (the table goes beside it, .md)")
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.warmup = 5, 1
     report = run(args)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    Path(args.output).with_suffix(".md").write_text(markdown(report) + "\n")
     print(markdown(report))
 
 

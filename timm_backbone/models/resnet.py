@@ -23,7 +23,7 @@ from torch import nn
 
 from ..backbone import BackboneMixin, BackboneOutput
 from ..configuration import BackboneConfigMixin, PretrainedConfig, pop_hub_kwargs
-from ..hub import CONFIG_NAME, read_json, resolve_file
+from ..hub import CONFIG_NAME, load_weights, read_json, resolve_file
 from ..layers import FoldedConv, freeze_batch_norm_2d, get_activation, onednn_fusion_available
 from ..modeling import PreTrainedModel
 
@@ -514,8 +514,6 @@ class ResNetBackbone(BackboneMixin, PreTrainedModel):
                     f"loading the weights file {src} needs config=, e.g. ResNetConfig.from_timm('resnet50') for a "
                     f"timm or torchvision checkpoint"
                 )
-            from ..hub import load_weights
-
             config = type(config).from_dict(config.to_dict(), **kwargs) if kwargs else config
             model = cls(config)
             model.load_checkpoint(load_weights(src), strict=strict, source=src)
