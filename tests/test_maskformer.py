@@ -289,7 +289,8 @@ def test_single_scale_backbone_runs():
 @needs_resnet
 def test_default_resnet_config_end_to_end():
     """transformers crashes here (a default ResNetConfig outputs one map); MaskFormer asks for stage1..stage4."""
-    config = MaskFormerConfig(backbone_config=AutoConfig.for_model("resnet", depths=[1, 1, 1, 1]), **HEADS)
+    backbone = AutoConfig.for_model("resnet", depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 32, 64], embedding_size=8)
+    config = MaskFormerConfig(backbone_config=backbone, **HEADS)
     model = MaskFormerForInstanceSegmentation(config)
     assert model.backbone.out_features == STAGES
     masks, classes = _labels()
@@ -393,13 +394,13 @@ def test_seed_example_word_for_word(tmp_path, monkeypatch):
     classifier.save_pretrained(tmp_path / "src")
     make_hub_cache(tmp_path / "hub", "microsoft/resnet-50", tmp_path / "src")
     use_hub_cache(monkeypatch, tmp_path / "hub")
-    decoder = dict(decoder_layers=1, num_queries=5)
+    small = dict(decoder_config=dict(DECODER, num_queries=5), fpn_feature_size=32, mask_feature_size=32)
     for backbone_config, stages in (
         (ResNetConfig.from_pretrained("microsoft/resnet-50"), STAGES),
         (ResNetConfig(depths=[1, 1, 1, 1]), STAGES),
         (TimmBackboneConfig("resnet50"), ["layer1", "layer2", "layer3", "layer4"]),
     ):
-        config = MaskFormerConfig(backbone_config=backbone_config, decoder_config=decoder)
+        config = MaskFormerConfig(backbone_config=backbone_config, **small)
         model = MaskFormerForInstanceSegmentation(config).eval()
         assert model.backbone.out_features == stages
         assert model.model.pixel_level_module.decoder.fpn.stem[0].in_channels == model.backbone.channels[-1] == 2048
