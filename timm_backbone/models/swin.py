@@ -244,7 +244,8 @@ class SwinPatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.patch_size
-        x = F.pad(x, (0, -x.shape[-1] % p, 0, -x.shape[-2] % p))
+        if x.shape[-1] % p or x.shape[-2] % p:  # F.pad copies even when it pads nothing
+            x = F.pad(x, (0, -x.shape[-1] % p, 0, -x.shape[-2] % p))
         x = self.norm(self.proj(x).permute(0, 2, 3, 1))  # B, H, W, C
         if self.position_embeddings is not None:
             _, h, w, c = x.shape
@@ -266,7 +267,8 @@ class SwinPatchMerging(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
-        x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+        if h % 2 or w % 2:
+            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
         h, w = x.shape[1] // 2, x.shape[2] // 2
         # channel order (row, col) = (0,0), (1,0), (0,1), (1,1), as the original Swin and transformers
         x = x.view(b, h, 2, w, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, h, w, 4 * c)
