@@ -159,3 +159,19 @@ def test_cli_defaults_are_quick_and_flags_widen():
     )
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--models", "vgg16"])
+
+
+def test_native_optimized_contender():
+    settings = BenchSettings(
+        models=[TINY_RESNET, TINY_SWIN], input_size=64, repeats=1, warmup=0, threads=1, stages=[4],
+        transformers=False, memory=False, native_optimized=True,
+    )  # fmt: skip
+    report = run_benchmark(settings, progress=None)
+    assert report["settings"]["contenders"] == ["timm", "native", "native_opt"]
+    resnet, swin = (run["stages"][0] for run in report["runs"])
+    assert list(resnet["latency_ms"]) == ["timm", "native", "native_opt"]
+    assert resnet["max_abs_diff"]["native_opt"] < 1e-4 and resnet["max_abs_diff"]["timm"] < 1e-4
+    assert list(swin["latency_ms"]) == ["timm", "native"] and swin["max_abs_diff"]["native_opt"] is None
+    assert resnet["peak_mib"] == {}
+    text = markdown_report(report)
+    assert "latency ms (timm / native / native_opt)" in text and "| 4 stage4 | 128x2x2 |" in text

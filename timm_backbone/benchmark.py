@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-IMPLEMENTATIONS = ("timm", "native", "transformers")
+IMPLEMENTATIONS = ("timm", "native", "native_opt", "transformers")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("eager", "compile")
 
@@ -96,6 +96,8 @@ class BenchSettings:
         stages: Native stage indices to run; ``None`` runs every stage.
         transformers: Include transformers' backbones when the package is installed.
         memory: Measure peak memory (one extra profiled call per contender and stage).
+        native_optimized: Also time the native ResNet after ``optimize_for_inference()`` (BatchNorm folded into the
+            convolutions) as ``native_opt``; Swin has no such switch.
         seed: Seed of the random weights and input.
     """
 
@@ -111,6 +113,7 @@ class BenchSettings:
     stages: list[int] | None = None
     transformers: bool = True
     memory: bool = True
+    native_optimized: bool = False
     seed: int = 0
 
     def validate(self) -> None:
@@ -359,7 +362,12 @@ def _build_contenders(
         # the concrete class: transformers' AutoBackbone asks the hub whether a local folder is a repo
         tf_class = getattr(transformers, _TRANSFORMERS_BACKBONES[spec.family])
         models["transformers"] = tf_class.from_pretrained(weights.folder, out_indices=[index])
-    return {name: m.to(device=settings.device, dtype=dtype).eval() for name, m in models.items()}
+    if settings.native_optimized and hasattr(backbone_class, "optimize_for_inference"):
+        models["native_opt"] = backbone_class.from_pretrained(weights.folder, config=config)
+    models = {name: m.to(device=settings.device, dtype=dtype).eval() for name, m in models.items()}
+    if "native_opt" in models:
+        models["native_opt"].optimize_for_inference()
+    return {name: models[name] for name in IMPLEMENTATIONS if name in models}
 
 
 # running ---------------------------------------------------------------------------------------------------------
@@ -405,7 +413,8 @@ def run_benchmark(settings: BenchSettings, progress: Callable[[str], None] | Non
         torch.set_num_threads(settings.threads)
     with_tf = settings.transformers and _transformers_version() is not None
     report = {"machine": machine_info(settings.device), "settings": asdict(settings), "runs": []}
-    report["settings"]["contenders"] = [n for n in IMPLEMENTATIONS if n != "transformers" or with_tf]
+    left_out = {"transformers": not with_tf, "native_opt": not settings.native_optimized}
+    report["settings"]["contenders"] = [n for n in IMPLEMENTATIONS if not left_out.get(n)]
     combos = [
         (m, d, b, mode)
         for m in settings.models
@@ -484,6 +493,7 @@ def _run_one(
             "max_abs_diff": {
                 "timm": _max_abs_diff(native, reference),
                 "transformers": _max_abs_diff(native, outputs.get("transformers")),
+                "native_opt": _max_abs_diff(native, outputs.get("native_opt")),
             },
             "latency_ms": {n: round(t * 1e3, 3) for n, t in medians.items()},
             "latency_ms_all": {n: [round(v * 1e3, 3) for v in t] for n, t in times.items()},
@@ -605,6 +615,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stages", type=int, nargs="+", default=None, help="native stage indices (default all)")
     parser.add_argument("--no-transformers", action="store_true", help="leave transformers' backbones out")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument(
+        "--native-optimized",
+        action="store_true",
+        help="also time the native ResNet after optimize_for_inference() (BatchNorm folded) as 'native_opt'",
+    )
     parser.add_argument("--output", default="stage_bench", help="folder for the JSON, markdown and PNG")
 
 
@@ -622,6 +637,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         stages=args.stages,
         transformers=not args.no_transformers,
         memory=not args.no_memory,
+        native_optimized=args.native_optimized,
     )
 
 

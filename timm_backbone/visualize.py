@@ -256,7 +256,12 @@ def save_feature_plot(
         picture.save(f, format=fmt)
 
 
-_BENCH_COLORS = {"timm": (66, 133, 244), "native": (219, 68, 55), "transformers": (244, 180, 0)}
+_BENCH_COLORS = {
+    "timm": (66, 133, 244),
+    "native": (219, 68, 55),
+    "native_opt": (142, 36, 170),
+    "transformers": (244, 180, 0),
+}
 
 
 def bench_chart(report: dict, width: int = 900, panel_height: int = 260) -> Any:
