@@ -222,6 +222,31 @@ def test_config_json_round_trip(saved, tmp_path):
     assert AutoConfig.from_pretrained(tmp_path).to_dict() == config.to_dict()
 
 
+def test_legacy_config_json_loads(tmp_path):
+    """A transformers 4.x MaskFormer config.json (abridged from facebook/maskformer-swin-base-ade)."""
+    legacy = {
+        "architectures": ["MaskFormerForInstanceSegmentation"],
+        "backbone_config": {
+            "model_type": "swin", "depths": [2, 2, 18, 2], "embed_dim": 128, "num_heads": [4, 8, 16, 32],
+            "window_size": 12, "image_size": 384, "drop_path_rate": 0.3, "path_norm": True,
+            "out_features": ["stage1", "stage2", "stage3", "stage4"],
+        },
+        "ce_weight": 1.0, "cross_entropy_weight": 1.0, "dice_weight": 1.0, "mask_weight": 20.0,
+        "decoder_config": {"model_type": "detr", "backbone": "resnet50", "use_timm_backbone": True, "d_model": 256},
+        "fpn_feature_size": 256, "mask_feature_size": 256, "no_object_weight": 0.1, "num_queries": 100,
+        "id2label": {"0": "wall", "1": "building"}, "model_type": "maskformer", "torch_dtype": "float32",
+        "transformers_version": "4.22.0.dev0", "use_auxiliary_loss": False,
+    }  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(legacy))
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(config, MaskFormerConfig) and isinstance(config.backbone_config, SwinConfig)
+    assert config.id2label == {0: "wall", 1: "building"} and config.num_queries == 100
+    assert config.backbone_config.out_indices == [1, 2, 3, 4] and config.backbone_config.depths == [2, 2, 18, 2]
+    assert config.ce_weight == 1.0 and config.decoder_config["backbone"] == "resnet50"  # unknown keys kept
+    config.save_pretrained(tmp_path / "again")
+    assert transformers.MaskFormerConfig.from_pretrained(tmp_path / "again").backbone_config.embed_dim == 128
+
+
 def test_default_config_is_swin_base_384():
     config = MaskFormerConfig()
     backbone = config.backbone_config

@@ -162,13 +162,17 @@ class MaskFormerConfig(PretrainedConfig):
         kwargs.pop("num_attention_heads", None)
         kwargs.pop("num_hidden_layers", None)
         kwargs.pop("hidden_size", None)
+        num_queries = kwargs.pop("num_queries", None)  # a top-level spelling of decoder_config["num_queries"]
         super().__init__(**kwargs)
         self.backbone_config = resolve_backbone_config(backbone_config, backbone, use_timm_backbone, backbone_kwargs)
         if decoder_config is not None and not isinstance(decoder_config, dict):
             if not hasattr(decoder_config, "to_dict"):
                 raise TypeError(f"decoder_config must be a dict, got {type(decoder_config).__name__}")
             decoder_config = decoder_config.to_dict()
-        decoder_config = {**DETR_DEFAULTS, **copy.deepcopy(decoder_config or {})}
+        decoder_config = copy.deepcopy(decoder_config or {})
+        if num_queries is not None:
+            decoder_config.setdefault("num_queries", num_queries)
+        decoder_config = {**DETR_DEFAULTS, **decoder_config}
         if decoder_config.get("model_type", "detr") != "detr":
             raise ValueError(f"decoder_config model_type must be 'detr', got {decoder_config['model_type']!r}")
         d_model, heads = decoder_config["d_model"], decoder_config["decoder_attention_heads"]
@@ -205,6 +209,10 @@ class MaskFormerConfig(PretrainedConfig):
     @property
     def num_queries(self) -> int:
         return self.decoder_config["num_queries"]
+
+    @num_queries.setter
+    def num_queries(self, value: int) -> None:
+        self.decoder_config["num_queries"] = value
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
