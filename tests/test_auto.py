@@ -245,7 +245,8 @@ def test_revisions_resolve_in_the_cache(tmp_path):
         (
             "no-such-model",
             r"cannot find 'no-such-model'; tried it as\n  - a local folder: .*no-such-model does not exist\n"
-            r"  - a timm model name: unknown timm model 'no-such-model'.*\n  - a hub repo: .*not in the hub cache",
+            r"  - a timm model name: unknown timm model 'no-such-model'.*\n  - a hub repo: not looked up, hub ids have "
+            r"the form 'org/name'",
         ),
         ("resnt50", r"a timm model name: unknown timm model 'resnt50'; close matches: resnet50"),
         ("acme/missing", r"tried it as\n  - a local folder: .*\n  - a hub repo: 'acme/missing' is not a local folder"),

@@ -199,7 +199,11 @@ def resolve_source(src: str | os.PathLike, **hub_kwargs: Any) -> Source:
             return Source(name, "timm", hub_kwargs)
         except ValueError as err:
             tried.append(f"a timm model name: {err}")
-    if looks_like_repo_id(name):
+    if "/" not in name:
+        # a bare word that is not a timm name is not looked up on the hub (ids are 'org/name'): the close
+        # matches above come back at once instead of after network retries
+        tried.append("a hub repo: not looked up, hub ids have the form 'org/name'")
+    elif looks_like_repo_id(name):
         try:
             path = resolve_file(name, CONFIG_NAME, **hub_kwargs)  # raises when neither cached nor reachable
         except OSError as err:
