@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import random
+import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -147,3 +148,40 @@ def test_memory_plateaus_over_many_rounds_of_new_sizes(name):
                 model(torch.randn(1, 3, h, w))
             growth.append(_live_tensor_bytes() - baseline)
     assert growth[-1] <= 1.05 * max(growth[:-1]) + 16 * 1024, growth
+
+
+def test_maskformer_size_cache_under_threads():
+    """MaskFormer's decoder caches the position embedding of the last size; threads asking for different sizes
+    must each get their own (a short switch interval makes the interleavings that used to raise KeyError common)."""
+    from test_export import _maskformer
+
+    model = _maskformer()
+    decoder = next(m for m in model.modules() if hasattr(m, "_pos_cache"))
+    expected = {h: decoder.position_embedding(h, h + 1, torch.device("cpu"), torch.float32) for h in range(1, 6)}
+    errors: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(1000):
+                h = rng.randrange(1, 6)
+                got = decoder.position_embedding(h, h + 1, torch.device("cpu"), torch.float32)
+                assert got.shape == expected[h].shape
+        except BaseException as err:  # reported by the main thread
+            errors.append(err)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(work, range(4)))
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:3]
+    x = [torch.randn(1, 3, s, s) for s in (64, 96)] * 2
+    with torch.no_grad():
+        serial = [model(t).masks_queries_logits for t in x]
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            threaded = list(pool.map(lambda t: model(t).masks_queries_logits, x))
+    for got, want in zip(threaded, serial):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # intra-op threads may split sums differently

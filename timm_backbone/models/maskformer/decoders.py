@@ -231,10 +231,11 @@ class MaskFormerTransformerModule(nn.Module):
 
     def position_embedding(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         key = (height, width, device, dtype)
-        if key not in self._pos_cache:
+        cache = self._pos_cache  # read once: another thread may swap in its own size meanwhile
+        if key not in cache:
             dim = self.queries_embedder.embedding_dim
-            self._pos_cache = {key: sine_position_embedding(height, width, dim // 2, device, dtype)}
-        return self._pos_cache[key]
+            cache = self._pos_cache = {key: sine_position_embedding(height, width, dim // 2, device, dtype)}
+        return cache[key]
 
     def forward(
         self, image_features: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
