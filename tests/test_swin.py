@@ -9,6 +9,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+import timm_backbone.models.swin as swin_module
 from timm_backbone import SwinBackbone, SwinConfig
 from timm_backbone.auto import AutoBackbone, AutoConfig
 from timm_backbone.models.swin import (
@@ -281,16 +282,23 @@ def test_mask_cache_is_bounded_and_tracks_weights(monkeypatch):
     _close(after, reference)
 
 
-def test_fused_and_reference_paths_agree():
+@pytest.mark.parametrize("mask_layout", ["per-window", "windows-in-heads"])
+def test_fused_and_reference_paths_agree(monkeypatch, mask_layout):
+    if mask_layout == "windows-in-heads":  # the layout for masks too large to repeat per image
+        monkeypatch.setattr(swin_module, "_BATCHED_MASK_MAX_NUMEL", 0)
     model = SwinBackbone(SwinConfig(out_indices=(0, 1, 2, 3), **TINY)).eval()
     _randomise(model)
     x = torch.randn(2, 3, 45, 61)
     with torch.no_grad():
-        fused = model(x).feature_maps
+        fused = model(x, output_hidden_states=True)
         model.set_fast_path(False)
-        plain = model(x).feature_maps
-    for a, b in zip(fused, plain):
+        plain = model(x, output_attentions=True, output_hidden_states=True)
+        monkeypatch.setattr(swin_module, "_BATCHED_MASK_MAX_NUMEL", 1 << 22)
+        other = model(torch.cat([x, x[:1]]), output_attentions=True)
+    for a, b in zip(fused.feature_maps + fused.hidden_states, plain.feature_maps + plain.hidden_states):
         _close(a, b)
+    for a, b in zip(plain.attentions, other.attentions):
+        _close(a, b[: a.shape[0]])  # image-major: the first two images' windows come first
 
 
 def test_training_gradients_checkpointing_and_bias_grad():

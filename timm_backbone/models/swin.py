@@ -222,7 +222,7 @@ def _window_indices(
 _cached_shift_region_mask = lru_cache(maxsize=32)(_shift_region_mask)
 _cached_window_indices = lru_cache(maxsize=64)(_window_indices)
 # above this many mask elements, the mask is not repeated per image: windows are folded into heads instead
-_BATCHED_MASK_MAX_NUMEL = 1 << 24
+_BATCHED_MASK_MAX_NUMEL = 1 << 22
 
 
 # blocks ----------------------------------------------------------------------------------------------------------
@@ -283,7 +283,7 @@ class SwinWindowAttention(nn.Module):
     softmax reference path.
     """
 
-    cache_size: ClassVar[int] = 8
+    cache_size: ClassVar[int] = 4
 
     def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool, attn_drop: float) -> None:
         super().__init__()
