@@ -390,3 +390,19 @@ def test_timm_standard_variants_load(name):
             expected = reference.forward_intermediates(x, intermediates_only=True)
             for a, e in zip(model.eval()(x, output_hidden_states=True).hidden_states[1:], expected):
                 _close(a, e)
+
+
+def test_training_after_inference_mode():
+    """Caches filled under torch.inference_mode must not leak inference tensors into autograd later."""
+    model = SwinBackbone(SwinConfig(out_indices=(1, 2), **TINY))
+    x = torch.randn(2, 3, 45, 61)
+    with torch.inference_mode():
+        model.eval()(x)
+    sum(f.sum() for f in model.train()(x).feature_maps).backward()
+    assert model.layers[1].blocks[1].attn.relative_position_bias_table.grad is not None
+    model.eval().requires_grad_(False)  # frozen backbone, gradients w.r.t. the input (saliency)
+    with torch.inference_mode():
+        model(x)
+    x.requires_grad_(True)
+    sum(f.sum() for f in model(x).feature_maps).backward()
+    assert x.grad.abs().sum() > 0

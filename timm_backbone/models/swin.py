@@ -9,6 +9,7 @@ mask as one cached additive mask.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, ClassVar
 
@@ -171,7 +172,6 @@ _TIMM_ARGS = {"embed_dim", "depths", "num_heads", "window_size", "image_size", "
 
 
 # helpers ---------------------------------------------------------------------------------------------------------
-@lru_cache(maxsize=16)
 def _relative_position_index(window: tuple[int, int], table_window: int) -> torch.Tensor:
     """Index into a ``(2*table_window-1)**2`` bias table for every token pair of a (possibly smaller) window."""
     coords = torch.stack(torch.meshgrid(torch.arange(window[0]), torch.arange(window[1]), indexing="ij")).flatten(1)
@@ -219,8 +219,19 @@ def _window_indices(
     return forward, inverse[:-1]
 
 
-_cached_shift_region_mask = lru_cache(maxsize=32)(_shift_region_mask)
-_cached_window_indices = lru_cache(maxsize=64)(_window_indices)
+def _cached(fn: Callable[..., Any], maxsize: int) -> Callable[..., Any]:
+    """LRU-cached ``fn`` whose tensors are never inference tensors, so they serve later autograd-tracked calls."""
+
+    def build(*args: Any) -> Any:
+        with torch.inference_mode(False):
+            return fn(*args)
+
+    return lru_cache(maxsize=maxsize)(build)
+
+
+_cached_relative_position_index = _cached(_relative_position_index, 16)
+_cached_shift_region_mask = _cached(_shift_region_mask, 32)
+_cached_window_indices = _cached(_window_indices, 64)
 # above this many mask elements, the mask is not repeated per image: windows are folded into heads instead
 _BATCHED_MASK_MAX_NUMEL = 1 << 22
 
@@ -300,7 +311,7 @@ class SwinWindowAttention(nn.Module):
 
     def relative_position_bias(self, window: tuple[int, int]) -> torch.Tensor:
         """The bias (heads, N, N) for a ``window`` no larger than the table's."""
-        index_fn = _relative_position_index.__wrapped__ if is_tracing() else _relative_position_index
+        index_fn = _relative_position_index if is_tracing() else _cached_relative_position_index
         index = index_fn(window, self.window_size).to(self.relative_position_bias_table.device)
         n = window[0] * window[1]
         return self.relative_position_bias_table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)
@@ -316,7 +327,7 @@ class SwinWindowAttention(nn.Module):
         table = self.relative_position_bias_table
         if is_tracing() or (torch.is_grad_enabled() and table.requires_grad):
             return self._build_mask(window, num_windows, batch, region_mask)
-        key = (*key, batch, table._version, table.data_ptr(), table.dtype)
+        key = (*key, batch, table._version, table.data_ptr(), table.dtype, torch.is_inference_mode_enabled())
         mask = self._mask_cache.get(key)
         if mask is None:
             mask = self._mask_cache[key] = self._build_mask(window, num_windows, batch, region_mask)
