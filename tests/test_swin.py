@@ -406,3 +406,14 @@ def test_training_after_inference_mode():
     x.requires_grad_(True)
     sum(f.sum() for f in model(x).feature_maps).backward()
     assert x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("window", [(2, 2), (3, 2)])
+def test_window_partition_round_trip(window):
+    from timm_backbone.layers import window_partition, window_reverse
+
+    x = torch.randn(2, 6, 4, 5)
+    windows = window_partition(x, window)
+    assert windows.shape == (2, (6 // window[0]) * (4 // window[1]), window[0] * window[1], 5)
+    torch.testing.assert_close(windows[0, 1], x[0, : window[0], window[1] : 2 * window[1]].reshape(-1, 5))
+    torch.testing.assert_close(window_reverse(windows, window, 6, 4), x)
