@@ -331,3 +331,23 @@ def test_in_place_batch_norm_matches_module_path(frozen):
     with_modules = model(x, output_hidden_states=True).hidden_states
     for a, e in zip(in_place, with_modules):
         _close(a, e.detach())
+
+
+@pytest.mark.slow
+def test_resnet50_full_size_parity(tmp_path):
+    """Full-size resnet-50 at 224: transformers, timm and the inference path on the same weights."""
+    reference = _hf(tmp_path, out_indices=ALL)
+    model = ResNetBackbone.from_pretrained(tmp_path)
+    timm_model = timm.create_model("resnet50", features_only=True).eval()
+    timm_model.load_state_dict(resnet_transformers_to_timm(model.state_dict()))
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = reference(x).feature_maps
+        plain = model(x).feature_maps
+        fused = model.optimize_for_inference()(x).feature_maps
+        from_timm = timm_model(x)[1:]
+    assert [list(f.shape[1:]) for f in plain] == [[64, 56, 56], [256, 56, 56], [512, 28, 28], [1024, 14, 14],
+                                                  [2048, 7, 7]]  # fmt: skip
+    for e, *others in zip(expected, plain, fused, [expected[0], *from_timm]):
+        for a in others:
+            assert float((a - e).abs().max() / e.abs().max()) < 1e-4

@@ -1,4 +1,5 @@
-"""Building blocks shared by the native models: stochastic depth, MLP, window partitioning."""
+"""Building blocks shared by the native models: stochastic depth, MLP, window partitioning, frozen BatchNorm and
+BatchNorm-folded (oneDNN-fused) convolutions."""
 
 from __future__ import annotations
 
