@@ -97,6 +97,8 @@ def _live_tensor_bytes() -> int:
                 storages[storage.data_ptr()] = storage.nbytes()
             except NotImplementedError:  # opaque tensors (oneDNN packed weights) have no storage to share
                 storages[("opaque", id(obj))] = obj.numel() * obj.element_size()
+            except RuntimeError:  # fake tensors left by export/compile in this process hold no memory
+                continue
     return sum(storages.values())
 
 

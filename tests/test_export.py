@@ -87,7 +87,12 @@ def test_torch_export_with_dynamic_batch(name):
     assert [f.shape[1] for f in out.feature_maps] == model.channels
 
 
-@pytest.mark.parametrize("name", _some_slow(["timm-list", "swin", "resnet"], {"timm-list", "resnet"}))
+SWIN_GRID = pytest.mark.xfail(
+    raises=AssertionError, strict=False, reason="Swin's export specialises the window grid of the example size"
+)
+
+
+@pytest.mark.parametrize("name", _some_slow(["timm-list", "swin", "resnet"], {"timm-list", "resnet"}, swin=SWIN_GRID))
 def test_torch_export_with_dynamic_height_and_width(name):
     model = _model(name)
     x = torch.randn(2, 3, SIZE, SIZE)  # not 1: export specialises sizes 0 and 1
@@ -167,12 +172,7 @@ def test_compile_inductor_matches_eager(name):
 
 
 # TorchScript ----------------------------------------------------------------------------------------------------------
-SWIN_TRACE = pytest.mark.xfail(
-    raises=RuntimeError, strict=False, reason="Swin's fused mkldnn linear (layers.linear) is not traceable"
-)
-
-
-@pytest.mark.parametrize("name", _some_slow(EXPORTED, {"timm-list", "resnet", "swin"}, swin=SWIN_TRACE))
+@pytest.mark.parametrize("name", _some_slow(EXPORTED, {"timm-list", "resnet", "swin"}))
 def test_torchscript_trace_of_the_tuple_output(name, tmp_path):
     model = _model(name)
     with torch.no_grad(), warnings.catch_warnings():
