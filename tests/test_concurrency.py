@@ -107,7 +107,7 @@ def _live_tensor_bytes() -> int:
     [
         "swin",
         "resnet-optimized",
-        "timm-list",
+        pytest.param("timm-list", marks=pytest.mark.slow),  # timm keeps no per-size state
         pytest.param("timm-getter", marks=pytest.mark.slow),
         pytest.param("resnet", marks=pytest.mark.slow),
     ],
