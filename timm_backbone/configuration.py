@@ -186,3 +186,62 @@ class BackboneConfigMixin:
         out["out_indices"] = _jsonable(self._out_indices)
         out["stage_names"] = _jsonable(self.stage_names)
         return dict(sorted(out.items()))
+
+
+# keys of a timm hub repo's config.json; ``architecture`` and ``model_args`` become native config fields
+TIMM_CONFIG_KEYS = ("architecture", "model_args", "pretrained_cfg", "num_classes", "num_features", "global_pool")
+
+
+class NativeBackboneConfigMixin(BackboneConfigMixin):
+    """Native backbones' configs: stages ``stem, stage1..N`` from ``depths``, and timm configs read as native ones.
+
+    Subclasses implement ``timm_fields(architecture, **model_args)``: the config fields for a timm name.
+    """
+
+    depths: list[int]
+
+    @property
+    def stage_names(self) -> list[str]:
+        return ["stem"] + [f"stage{i}" for i in range(1, len(self.depths) + 1)]
+
+    @staticmethod
+    def timm_fields(architecture: str, **model_args: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def _prepare_dict(cls, config_dict: dict[str, Any]) -> dict[str, Any]:
+        if "architecture" in config_dict and "model_type" not in config_dict:  # a timm hub repo's config.json
+            timm_dict = {k: config_dict.pop(k) for k in TIMM_CONFIG_KEYS if k in config_dict}
+            return {**cls.timm_fields(timm_dict["architecture"], **timm_dict.get("model_args", {})), **config_dict}
+        return config_dict
+
+    @classmethod
+    def from_timm(cls, name_or_config: str | os.PathLike | dict[str, Any], **kwargs: Any) -> PretrainedConfig:
+        """The native config of a timm model: a name with or without tag (``resnet50.a1_in1k``), a timm hub repo
+        (folder, ``org/name`` or ``hf-hub:org/name``, read from the cache when offline) or its ``config.json`` dict.
+
+        Args:
+            name_or_config: See above.
+            **kwargs: Field overrides (``out_indices``...) and hub arguments (``cache_dir``, ``revision``...).
+
+        Raises:
+            ValueError: not a timm config, or an architecture the native class does not implement.
+        """
+        hub_kwargs = pop_hub_kwargs(kwargs)
+        if isinstance(name_or_config, dict):
+            timm_config = dict(name_or_config)
+        else:
+            src = os.fspath(name_or_config).removeprefix("hf-hub:")
+            if os.path.isfile(src):
+                timm_config = read_json(src)
+            elif os.path.isdir(src) or "/" in src:
+                path = resolve_file(src, CONFIG_NAME, **hub_kwargs)
+                if path is None:
+                    raise OSError(f"{src!r} has no {CONFIG_NAME}")
+                timm_config = read_json(path)
+            else:
+                timm_config = {"architecture": src}
+        if "architecture" not in timm_config:
+            raise ValueError(f"not a timm config (no 'architecture'): keys {sorted(timm_config)}")
+        timm_config.pop("model_type", None)
+        return cls(**cls._prepare_dict({**timm_config, **kwargs}))

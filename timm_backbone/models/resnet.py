@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from ..backbone import BackboneMixin, BackboneOutput
-from ..configuration import BackboneConfigMixin, PretrainedConfig, pop_hub_kwargs
-from ..hub import CONFIG_NAME, load_weights, read_json, resolve_file
+from ..configuration import NativeBackboneConfigMixin, PretrainedConfig
+from ..hub import load_weights
 from ..layers import FoldedConv, freeze_batch_norm_2d, get_activation, onednn_fusion_available
 from ..modeling import PreTrainedModel
 
@@ -42,10 +42,9 @@ TIMM_RESNET_VARIANTS: dict[str, tuple[str, tuple[int, ...]]] = {
 }
 # timm model arguments that do not change the backbone's eval-mode numbers (head and initialisation only)
 _TIMM_HEAD_ARGS = ("num_classes", "global_pool", "drop_rate", "zero_init_last")
-_TIMM_CONFIG_KEYS = ("architecture", "model_args", "pretrained_cfg", "num_classes", "num_features", "global_pool")
 
 
-class ResNetConfig(BackboneConfigMixin, PretrainedConfig):
+class ResNetConfig(NativeBackboneConfigMixin, PretrainedConfig):
     """Config of :class:`ResNetBackbone`, field for field transformers' ``ResNetConfig`` (resnet-50 defaults).
 
     Args:
@@ -101,17 +100,6 @@ class ResNetConfig(BackboneConfigMixin, PretrainedConfig):
         self.freeze_batch_norm_2d = freeze_batch_norm_2d
         self._init_stage_selection(out_features, out_indices)
 
-    @property
-    def stage_names(self) -> list[str]:
-        return ["stem"] + [f"stage{i}" for i in range(1, len(self.depths) + 1)]
-
-    @classmethod
-    def _prepare_dict(cls, config_dict: dict[str, Any]) -> dict[str, Any]:
-        if "architecture" in config_dict and "model_type" not in config_dict:  # a timm hub repo's config.json
-            timm_dict = {k: config_dict.pop(k) for k in _TIMM_CONFIG_KEYS if k in config_dict}
-            return {**cls.timm_fields(timm_dict["architecture"], **timm_dict.get("model_args", {})), **config_dict}
-        return config_dict
-
     @staticmethod
     def timm_fields(architecture: str, **model_args: Any) -> dict[str, Any]:
         """ResNetConfig fields for a timm/torchvision ResNet name (``resnet50``, ``resnet50.a1_in1k``).
@@ -139,34 +127,6 @@ class ResNetConfig(BackboneConfigMixin, PretrainedConfig):
             depths=list(depths), layer_type=layer_type, hidden_act="relu", downsample_in_first_stage=False,
             downsample_in_bottleneck=False,
         )  # fmt: skip
-
-    @classmethod
-    def from_timm(cls, name_or_config: str | os.PathLike | dict[str, Any], **kwargs: Any) -> ResNetConfig:
-        """The config of a timm ResNet: a name with or without tag (``resnet50.a1_in1k``), a timm hub repo (folder,
-        ``org/name`` or ``hf-hub:org/name``, read from the cache when offline) or its ``config.json`` as a dict.
-
-        Args:
-            name_or_config: See above.
-            **kwargs: Field overrides (``out_indices``...) and hub arguments (``cache_dir``, ``revision``...).
-        """
-        hub_kwargs = pop_hub_kwargs(kwargs)
-        if isinstance(name_or_config, dict):
-            timm_config = dict(name_or_config)
-        else:
-            src = os.fspath(name_or_config).removeprefix("hf-hub:")
-            if os.path.isfile(src):
-                timm_config = read_json(src)
-            elif os.path.isdir(src) or "/" in src:
-                path = resolve_file(src, CONFIG_NAME, **hub_kwargs)
-                if path is None:
-                    raise OSError(f"{src!r} has no {CONFIG_NAME}")
-                timm_config = read_json(path)
-            else:
-                timm_config = {"architecture": src}
-        if "architecture" not in timm_config:
-            raise ValueError(f"not a timm config (no 'architecture'): keys {sorted(timm_config)}")
-        timm_config.pop("model_type", None)
-        return cls(**cls._prepare_dict({**timm_config, **kwargs}))
 
 
 # blocks ----------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..backbone import BackboneMixin, BackboneOutput
-from ..configuration import BackboneConfigMixin, PretrainedConfig
+from ..configuration import NativeBackboneConfigMixin, PretrainedConfig
 from ..layers import DropPath, Mlp, is_tracing, linear, window_partition
 from ..modeling import LoadReport, PreTrainedModel
 from .swin_convert import (
@@ -43,10 +43,9 @@ TIMM_SWIN_VARIANTS: dict[str, tuple[int, tuple[int, ...], tuple[int, ...], int, 
     "swin_large_patch4_window12_384": (192, (2, 2, 18, 2), (6, 12, 24, 48), 12, 384),
 }
 # keys of a timm hub config.json that describe timm's model, not Swin fields
-_TIMM_CONFIG_KEYS = ("architecture", "model_args", "pretrained_cfg", "num_classes", "num_features", "global_pool")
 
 
-class SwinConfig(BackboneConfigMixin, PretrainedConfig):
+class SwinConfig(NativeBackboneConfigMixin, PretrainedConfig):
     """Config of :class:`SwinBackbone`, field for field transformers' ``SwinConfig``.
 
     Args:
@@ -131,17 +130,6 @@ class SwinConfig(BackboneConfigMixin, PretrainedConfig):
         self.hidden_size = int(embed_dim * 2 ** (len(self.depths) - 1))
         self._init_stage_selection(out_features, out_indices)
 
-    @property
-    def stage_names(self) -> list[str]:
-        return ["stem"] + [f"stage{i}" for i in range(1, len(self.depths) + 1)]
-
-    @classmethod
-    def _prepare_dict(cls, config_dict: dict[str, Any]) -> dict[str, Any]:
-        if "architecture" in config_dict and "model_type" not in config_dict:  # a timm hub repo's config.json
-            timm_dict = {k: config_dict.pop(k) for k in _TIMM_CONFIG_KEYS if k in config_dict}
-            return {**cls.timm_fields(timm_dict["architecture"], **timm_dict.get("model_args", {})), **config_dict}
-        return config_dict
-
     @staticmethod
     def timm_fields(architecture: str, **model_args: Any) -> dict[str, Any]:
         """SwinConfig fields for a timm Swin name (``swin_tiny_patch4_window7_224[.tag]``) and its model args.
@@ -160,11 +148,6 @@ class SwinConfig(BackboneConfigMixin, PretrainedConfig):
         renames = {"img_size": "image_size", "in_chans": "num_channels"}
         fields.update({renames.get(k, k): v for k, v in model_args.items() if renames.get(k, k) in _TIMM_ARGS})
         return fields
-
-    @classmethod
-    def from_timm(cls, architecture: str, **kwargs: Any) -> SwinConfig:
-        """The config of a timm Swin (standard variants), with timm's window semantics; kwargs override fields."""
-        return cls(**{**cls.timm_fields(architecture), **kwargs})
 
 
 _TIMM_ARGS = {"embed_dim", "depths", "num_heads", "window_size", "image_size", "patch_size", "num_channels",
