@@ -184,15 +184,7 @@ def test_nan_and_inf_pass_through_without_leaking_across_the_batch(name):
         torch.testing.assert_close(f[1:], ref, rtol=1e-4, atol=1e-5)  # its neighbour is untouched
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(reason="native Swin cannot reshape an empty batch yet", strict=False))
-        if n == "swin"
-        else n
-        for n in ALL
-    ],
-)
+@pytest.mark.parametrize("name", ALL)
 def test_empty_batch_and_strided_input(name):
     model = shared(name)
     x = _images(name, batch=2)

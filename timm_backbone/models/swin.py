@@ -356,7 +356,7 @@ class SwinWindowAttention(nn.Module):
             weights = weights.to(q.dtype)
             x = F.dropout(weights, drop, self.training) @ v
             weights = weights.view(b * nw, heads, n, n)
-        x = x.view(b, -1, heads, n, head_dim).transpose(2, 3).reshape(b, nw, n, c)
+        x = x.view(b, nw, heads, n, head_dim).transpose(2, 3).reshape(b, nw, n, c)
         return linear(x, self.proj, fast=self.fused_attn), weights
 
 
@@ -408,7 +408,8 @@ class SwinBlock(nn.Module):
         y = self.norm1(x).reshape(b, h * w, c)
         if hp != h or wp != w:
             y = F.pad(y, (0, 0, 0, 1))  # the zero token that padding slots gather
-        windows = y.index_select(1, forward).view(b, -1, window[0] * window[1], c)  # B, nW, N, C
+        num_windows = (hp // window[0]) * (wp // window[1])  # explicit sizes keep an empty batch reshapeable
+        windows = y.index_select(1, forward).view(b, num_windows, window[0] * window[1], c)  # B, nW, N, C
 
         region = None
         if shift[0] or shift[1]:
@@ -417,7 +418,7 @@ class SwinBlock(nn.Module):
         mask = self.attn.attention_mask(window, windows.shape[1], b, region, (hp, wp, window, shift, x.device))
         y, weights = self.attn(windows, mask, need_weights)
 
-        y = y.reshape(b, -1, c).index_select(1, inverse).view(b, h, w, c)  # un-shift, crop: B, H, W, C
+        y = y.reshape(b, num_windows * window[0] * window[1], c).index_select(1, inverse).view(b, h, w, c)  # B, H, W, C
         x = x + self.drop_path(self.drop(y))
         x = x + self.drop_path(self.drop(self.mlp(self.norm2(x))))
         return x, weights
