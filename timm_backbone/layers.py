@@ -3,6 +3,8 @@ BatchNorm-folded (oneDNN-fused) convolutions."""
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -233,14 +235,17 @@ class FoldedConv:
         self.weight = weight.to(conv.weight.dtype).contiguous(memory_format=torch.channels_last)
         self.stride, self.padding, self.dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
         self.onednn, self.packed = onednn, False
+        self._pack_lock = threading.Lock()
 
     def __call__(self, x: torch.Tensor, relu: bool, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.onednn:
             if not self.packed:
-                self.weight = torch.ops.mkldnn._reorder_convolution_weight(
-                    self.weight, self.padding, self.stride, self.dilation, 1, list(x.shape)
-                )
-                self.packed = True
+                with self._pack_lock:  # threads sharing the model must not pack the already-packed weight again
+                    if not self.packed:
+                        self.weight = torch.ops.mkldnn._reorder_convolution_weight(
+                            self.weight, self.padding, self.stride, self.dilation, 1, list(x.shape)
+                        )
+                        self.packed = True
             args = (self.weight, self.bias, self.padding, self.stride, self.dilation, 1)
             if residual is None:
                 return torch.ops.mkldnn._convolution_pointwise(x, *args, "relu" if relu else "none", [], "")
