@@ -312,12 +312,17 @@ class SwinWindowAttention(nn.Module):
             return self._build_mask(window, num_windows, batch, region_mask)
         key = (*key, batch, table._version, table.data_ptr(), table.dtype, torch.is_inference_mode_enabled())
         mask = self._mask_cache.get(key)
-        if mask is None:
-            mask = self._mask_cache[key] = self._build_mask(window, num_windows, batch, region_mask)
-            if len(self._mask_cache) > self.cache_size:
-                self._mask_cache.popitem(last=False)
-        else:
-            self._mask_cache.move_to_end(key)
+        # threads share the cache: an entry may be evicted by another thread between these steps, which only
+        # costs a rebuild, never a wrong mask (each key fully determines its mask)
+        try:
+            if mask is None:
+                mask = self._mask_cache[key] = self._build_mask(window, num_windows, batch, region_mask)
+                while len(self._mask_cache) > self.cache_size:
+                    self._mask_cache.popitem(last=False)
+            else:
+                self._mask_cache.move_to_end(key)
+        except KeyError:
+            pass
         return mask
 
     def _build_mask(
