@@ -8,12 +8,14 @@ import pytest
 import torch
 from hub_cache import make_hub_cache, use_hub_cache
 from PIL import Image
+from test_image_processing import SWIN_REPO as SWIN_PROCESSOR  # the swin repo's legacy preprocessor_config.json
 
 import timm_backbone.auto as auto
 from timm_backbone import (
     AutoBackbone,
     AutoConfig,
     AutoImageProcessor,
+    SwinBackbone,
     TimmBackbone,
     TimmBackboneConfig,
     TimmImageProcessor,
@@ -23,25 +25,9 @@ from timm_backbone.backbone import BackboneMixin, BackboneOutput
 from timm_backbone.configuration import BackboneConfigMixin, PretrainedConfig
 from timm_backbone.modeling import PreTrainedModel
 
-try:
-    from timm_backbone import SwinBackbone
-except ImportError:  # models/swin.py not landed yet
-    SwinBackbone = None
-
 transformers = pytest.importorskip("transformers")
-needs_swin = pytest.mark.skipif(SwinBackbone is None, reason="timm_backbone.SwinBackbone cannot be imported (yet)")
 
 SWIN_ID = "microsoft/swin-tiny-patch4-window7-224"
-# microsoft/swin-tiny-patch4-window7-224's preprocessor_config.json, legacy keys and all
-SWIN_PROCESSOR = {
-    "do_normalize": True,
-    "do_resize": True,
-    "feature_extractor_type": "ViTFeatureExtractor",
-    "image_mean": [0.485, 0.456, 0.406],
-    "image_std": [0.229, 0.224, 0.225],
-    "resample": 3,
-    "size": 224,
-}
 TIMM_NAME = "resnet10t.c3_in1k"
 
 
@@ -56,8 +42,6 @@ def _photo(height: int = 240, width: int = 320) -> Image.Image:
 def swin_repo(tmp_path_factory):
     """A random-init transformers SwinForImageClassification with swin-tiny's widths (one block per stage, for
     speed) saved as the hub repo would hold it, and a hub cache holding it at main and at tag v1.0."""
-    if SwinBackbone is None:
-        pytest.skip("timm_backbone.SwinBackbone cannot be imported (yet)")
     root = tmp_path_factory.mktemp("swin")
     config = transformers.SwinConfig(embed_dim=96, depths=[1, 1, 1, 1], num_heads=[3, 6, 12, 24], num_labels=5)
     torch.manual_seed(0)
@@ -84,7 +68,6 @@ def timm_repo(tmp_path_factory):
     return {"folder": root / "src", "cache": root / "hub", "state_dict": model.state_dict()}
 
 
-@needs_swin
 def test_seed_walkthrough_word_for_word_offline(swin_repo, monkeypatch):
     use_hub_cache(monkeypatch, swin_repo["cache"])
     image = _photo()
@@ -108,7 +91,6 @@ def test_seed_walkthrough_word_for_word_offline(swin_repo, monkeypatch):
     torch.testing.assert_close(inputs["pixel_values"], theirs["pixel_values"], atol=1e-5, rtol=0)
 
 
-@needs_swin
 @pytest.mark.parametrize("where", ["folder", "cache_dir", "commit", "tag", "local_files_only"])
 def test_walkthrough_from_every_kind_of_source(swin_repo, where, monkeypatch):
     src, kwargs = SWIN_ID, {"cache_dir": swin_repo["cache"]}
@@ -134,7 +116,6 @@ def test_walkthrough_from_every_kind_of_source(swin_repo, where, monkeypatch):
     assert type(config).__name__ == "SwinConfig" and config.architectures == ["SwinForImageClassification"]
 
 
-@needs_swin
 def test_overrides_from_config_and_config_for(swin_repo):
     config = AutoConfig.from_pretrained(swin_repo["folder"], out_indices=[-1], drop_path_rate=0.25)
     assert (config.out_indices, config.out_features, config.drop_path_rate) == ([4], ["stage4"], 0.25)
@@ -374,7 +355,6 @@ def test_maskformer_checkpoint_gives_its_backbone(tmp_path):
     assert AutoBackbone.from_pretrained(tmp_path, out_indices=[-1]).out_features == ["layer4"]
 
 
-@needs_swin
 def test_transformers_maskformer_swin_checkpoint_gives_swin_backbone(tmp_path):
     swin = transformers.MaskFormerSwinConfig(
         embed_dim=24, depths=[1, 1, 1, 1], num_heads=[1, 2, 3, 4], out_features=["stage1", "stage2", "stage3", "stage4"]
