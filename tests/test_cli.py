@@ -33,8 +33,20 @@ def test_features_on_image_file_with_selection_and_save(tmp_path, capsys):
     from PIL import Image
 
     Image.new("L", (40, 30), color=128).save(tmp_path / "gray.png")
-    code = main(["features", "resnet18", "--image", str(tmp_path / "gray.png"), "--size", "64",
-                 "--out-indices", "2,4", "--save", str(tmp_path / "f.safetensors")])
+    code = main(
+        [
+            "features",
+            "resnet18",
+            "--image",
+            str(tmp_path / "gray.png"),
+            "--size",
+            "64",
+            "--out-indices",
+            "2,4",
+            "--save",
+            str(tmp_path / "f.safetensors"),
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "[2] layer2: [1, 128, 8, 8]" in out and "[1]" not in out

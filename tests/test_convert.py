@@ -220,7 +220,7 @@ def test_detect_layout(keys, expected):
 
 
 def test_detect_layout_error():
-    with pytest.raises(ValueError, match="not a Swin or ResNet checkpoint"):
+    with pytest.raises(ValueError, match=r"not a checkpoint of \['resnet', 'swin'\]"):
         detect_layout({"blocks.0.attn.qkv.weight": None})
 
 

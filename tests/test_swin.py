@@ -357,9 +357,6 @@ def test_errors():
     model = SwinBackbone(SwinConfig(**TINY))
     with pytest.raises(ValueError, match="expects 3"):
         model(torch.randn(1, 1, 32, 32))
-    model.config.out_indices = (1, 3)
-    with pytest.raises(ValueError, match=r"stages \['stage1'\] were selected after the backbone was built"):
-        model(torch.randn(1, 3, 32, 32))
 
 
 @pytest.mark.slow  # two spawned processes: ~30 s on two busy cores

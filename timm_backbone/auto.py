@@ -10,24 +10,18 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .configuration import PretrainedConfig, pop_hub_kwargs
-from .hub import (
-    CONFIG_NAME,
-    WEIGHT_FILE_NAMES,
-    is_offline,
-    load_weights,
-    looks_like_repo_id,
-    read_json,
-    resolve_file,
-    resolve_weights,
-)
+from .configuration import PretrainedConfig
+from .hub import CONFIG_NAME, Source, pop_hub_kwargs, resolve_source
 from .image_processing import PROCESSOR_NAME
+
+__all__ = ["AutoBackbone", "AutoConfig", "AutoImageProcessor", "ModelFamily", "register", "register_family",
+           "resolve_source"]  # fmt: skip
 
 # model_type -> config class, and model_type -> backbone class; extended by register()
 CONFIG_MAPPING: dict[str, type[PretrainedConfig]] = {}
@@ -41,6 +35,97 @@ PROCESSOR_FOR_MODEL_TYPE: dict[str, str] = {}
 TASK_BACKBONE_PREFIXES: dict[str, str] = {"maskformer": "pixel_level_module.encoder."}
 
 _BUILTINS_DONE = False
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """What the package knows about one backbone family, registered by the family's own file (as timm registers a
+    model with its ``pretrained_filter_fn``). Conversion, the stage benchmark and MaskFormer read it here instead of
+    branching on family names.
+
+    Args:
+        name: Short name (``"swin"``), as ``timm-backbone convert`` and the benchmark print it.
+        config_class: The config class; its ``model_type`` and ``compatible_model_types`` are registered.
+        backbone_class: The backbone class.
+        timm_to_transformers: timm state dict -> transformers' layout (the base model's keys).
+        transformers_to_timm: The reverse, from any transformers layout of the family.
+        detect_layout: ``"timm"``, ``"transformers"`` or ``None`` (not this family) for a state dict.
+        timm_architecture: config -> (timm architecture, ``model_args``) building the same model in timm.
+        fields_from_timm: (timm architecture, ``model_args``) -> config fields; defaults to the config's
+            ``timm_fields``.
+        complete_timm_state_dict: (timm state dict, config, notes) -> the state dict timm's model needs, for
+            checkpoints that lack parts timm requires (a backbone without the final norm).
+        transformers_heads: (classifier key in timm's layout, in transformers', task prefix, task class, base class).
+        transformers_backbone: transformers' backbone class name, the reference in tests and benchmarks.
+        timm_stage: native stage index -> timm's feature index (``None``: timm has no such tap).
+        timm_as_native: (stage name, timm feature map, native weights) -> the map made comparable with the native
+            stage; ``comparison_note`` says how.
+        benchmark_timm_args: input size -> extra ``timm.create_model`` arguments for the benchmark.
+        task_layouts: task model type -> function giving the backbone state dict in that task's checkpoint layout
+            (MaskFormer's own Swin).
+    """
+
+    name: str
+    config_class: type[PretrainedConfig]
+    backbone_class: type
+    timm_to_transformers: Callable[[dict], dict] | None = None
+    transformers_to_timm: Callable[[dict], dict] | None = None
+    detect_layout: Callable[[dict], str | None] | None = None
+    timm_architecture: Callable[[Any], tuple[str, dict[str, Any]]] | None = None
+    fields_from_timm: Callable[..., dict[str, Any]] | None = None
+    complete_timm_state_dict: Callable[[dict, Any, list], dict] | None = None
+    transformers_heads: tuple[str, str, str, str, str] | None = None
+    transformers_backbone: str | None = None
+    timm_stage: Callable[[int], int | None] | None = None
+    timm_as_native: Callable[[str, Any, dict], Any] | None = None
+    comparison_note: str = ""
+    benchmark_timm_args: Callable[[int], dict[str, Any]] | None = None
+    task_layouts: dict[str, Callable[[dict, Any], dict]] | None = None
+
+    @property
+    def model_types(self) -> tuple[str, ...]:
+        return (self.config_class.model_type, *self.config_class.compatible_model_types)
+
+    def native_fields(self, architecture: str, model_args: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Config fields for a timm architecture and its ``model_args``."""
+        read = self.fields_from_timm or self.config_class.timm_fields
+        return read(architecture, **(model_args or {}))
+
+
+FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register_family(family: ModelFamily, exist_ok: bool = False) -> None:
+    """Register a backbone family: its config and backbone classes for the Auto classes (every model type its config
+    reads), and its checkpoint knowledge for conversion, the benchmark and task models.
+
+    Raises:
+        ValueError: a family of that name is registered already and ``exist_ok`` is false.
+    """
+    if not exist_ok and family.name in FAMILIES and FAMILIES[family.name] != family:
+        raise ValueError(f"model family {family.name!r} is already registered")
+    FAMILIES[family.name] = family
+    for model_type in family.model_types:
+        CONFIG_MAPPING.setdefault(model_type, family.config_class)
+        BACKBONE_MAPPING.setdefault(model_type, family.backbone_class)
+
+
+def get_family(name: str) -> ModelFamily:
+    """The registered family ``name``.
+
+    Raises:
+        ValueError: unknown; the registered families are listed.
+    """
+    _ensure_builtins()
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; choose from {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def family_of(config: Any) -> ModelFamily | None:
+    """The registered family whose config class ``config`` is an instance of, if any."""
+    _ensure_builtins()
+    return next((f for f in FAMILIES.values() if isinstance(config, f.config_class)), None)
 
 
 def register(
@@ -117,115 +202,8 @@ def _register_processors() -> None:
 
 
 def _register_builtins() -> None:
-    """Model types of this package: one registration per model family (lazy imports)."""
-    from .models.timm_backbone import TimmBackbone, TimmBackboneConfig
-
-    register("timm_backbone", TimmBackboneConfig, TimmBackbone, exist_ok=True)
-    from .models.maskformer.configuration import MaskFormerConfig
-
-    register("maskformer", MaskFormerConfig, exist_ok=True)  # no backbone class: MaskFormer is a task model
-    from .models.swin import SwinBackbone, SwinConfig
-
-    for swin_type in ("swin", "maskformer-swin"):  # MaskFormer's Swin config.json and weights load natively
-        register(swin_type, SwinConfig, SwinBackbone, exist_ok=True)
-    from .models.resnet import ResNetBackbone, ResNetConfig
-
-    register("resnet", ResNetConfig, ResNetBackbone, exist_ok=True)
-
-
-# ---------------------------------------------------------------------------------------------- resolution
-@dataclass
-class Source:
-    """What a name passed to ``from_pretrained`` points to, found by :func:`resolve_source`.
-
-    Attributes:
-        name: The name as given.
-        kind: ``"folder"``, ``"hub"`` (a hub repo, found online or in the cache), ``"timm"`` (a timm model name or
-            ``hf-hub:org/name``) or ``"file"`` (a path to one file).
-        hub_kwargs: ``revision``, ``cache_dir``, ``token``, ``local_files_only``, ``subfolder``.
-    """
-
-    name: str
-    kind: str
-    hub_kwargs: dict[str, Any] = field(default_factory=dict)
-    _json: dict[str, dict[str, Any] | None] = field(default_factory=dict, repr=False)
-
-    def resolve(self, filename: str) -> Path | None:
-        """The local path of ``filename`` in this folder or hub repo, ``None`` when it has none."""
-        if self.kind not in ("folder", "hub"):
-            return None
-        return resolve_file(self.name, filename, **self.hub_kwargs)
-
-    def read_json(self, filename: str) -> dict[str, Any] | None:
-        """``filename`` parsed (and remembered), ``None`` when the source has no such file."""
-        if filename not in self._json:
-            path = self.resolve(filename)
-            self._json[filename] = read_json(path) if path is not None else None
-        return self._json[filename]
-
-    def offline_note(self) -> str:
-        """For messages about a missing file: offline, a cached repo may simply lack files never downloaded."""
-        if self.kind == "hub" and is_offline(self.hub_kwargs.get("local_files_only", False)):
-            return " in the local hub cache (hub access is off: files never downloaded are not there)"
-        return ""
-
-    def describe(self) -> str:
-        where = {"folder": "local folder", "hub": "hub repo", "timm": "timm model", "file": "file"}[self.kind]
-        revision = self.hub_kwargs.get("revision")
-        return f"{where} {self.name!r}" + (f" at revision {revision!r}" if revision and self.kind == "hub" else "")
-
-
-def resolve_source(src: str | os.PathLike, **hub_kwargs: Any) -> Source:
-    """Decide what ``src`` is, in order: a file, a local folder, a timm name (``resnet50``, ``resnet50.a1_in1k``,
-    ``hf-hub:org/name``), a hub repo id (looked up online, or only in the cache with ``HF_HUB_OFFLINE`` /
-    ``local_files_only``).
-
-    Raises:
-        OSError: none of them; the message lists what was tried and why each failed.
-    """
-    from .models.timm_backbone import check_timm_name
-
-    name = os.fspath(src)
-    if os.path.isfile(name):
-        return Source(name, "file", hub_kwargs)
-    if os.path.isdir(name):
-        return Source(name, "folder", hub_kwargs)
-    if name.startswith("hf-hub:"):
-        return Source(name, "timm", hub_kwargs)
-    tried = [f"a local folder: {os.path.abspath(name)} does not exist"]
-    if "/" not in name:  # timm names never contain '/'; hub ids are 'org/name'
-        try:
-            check_timm_name(name)
-            return Source(name, "timm", hub_kwargs)
-        except ValueError as err:
-            tried.append(f"a timm model name: {err}")
-    if "/" not in name:
-        # a bare word that is not a timm name is not looked up on the hub (ids are 'org/name'): the close
-        # matches above come back at once instead of after network retries
-        tried.append("a hub repo: not looked up, hub ids have the form 'org/name'")
-    elif looks_like_repo_id(name):
-        try:
-            path = resolve_file(name, CONFIG_NAME, **hub_kwargs)  # raises when neither cached nor reachable
-        except OSError as err:
-            tried.append(f"a hub repo: {err}")
-        else:
-            commit = _snapshot_commit(path)
-            if commit is not None:  # later files come from the same commit, even if the branch moves meanwhile
-                hub_kwargs = {**hub_kwargs, "revision": commit}
-            return Source(name, "hub", hub_kwargs)
-    else:
-        tried.append("a hub repo: it is not an id of the form 'org/name'")
-    raise OSError(f"cannot find {name!r}; tried it as\n  - " + "\n  - ".join(tried))
-
-
-def _snapshot_commit(path: Path | None) -> str | None:
-    """The commit of a hub cache path ``.../snapshots/<commit>/...``, if it is one."""
-    parts = path.parts if path is not None else ()
-    if "snapshots" in parts[:-1]:
-        commit = parts[parts.index("snapshots") + 1]
-        if len(commit) == 40 and all(c in "0123456789abcdef" for c in commit):
-            return commit
-    return None
+    """The package's model families register themselves when their files are imported."""
+    importlib.import_module("timm_backbone.models")
 
 
 def _config_class(model_type: str | None) -> type[PretrainedConfig] | None:
@@ -277,9 +255,7 @@ class AutoConfig:
         if "architecture" in config_dict:  # a timm hub repo's config.json
             from .models.timm_backbone import TimmBackboneConfig
 
-            overrides = dict(overrides)
-            model_args = {**config_dict.get("model_args", {}), **overrides.pop("model_args", {})}
-            return TimmBackboneConfig(backbone=config_dict["architecture"], model_args=model_args, **overrides)
+            return TimmBackboneConfig.from_timm_dict(config_dict, **overrides)
         raise ValueError(
             f"config.json has model_type {model_type!r}, which is not one of {sorted(CONFIG_MAPPING)}, and no timm "
             f"'architecture'; register your own with timm_backbone.auto.register(model_type, ConfigClass, Backbone)"
@@ -302,14 +278,10 @@ class AutoConfig:
         if source.kind == "timm":
             from .models.timm_backbone import TimmBackboneConfig
 
-            return TimmBackboneConfig(backbone=source.name, **kwargs)
-        if source.kind == "file":
-            return AutoConfig.from_dict(read_json(source.name), **kwargs)
-        config_dict = source.read_json(CONFIG_NAME)
-        if config_dict is None:
-            raise OSError(f"{source.describe()} has no {CONFIG_NAME}{source.offline_note()}")
-        config = AutoConfig.from_dict(config_dict, **kwargs)
-        config.name_or_path = source.name
+            return TimmBackboneConfig.from_source(source, **kwargs)
+        config = AutoConfig.from_dict(source.config_dict(), **kwargs)
+        if source.kind != "file":
+            config.name_or_path = source.name
         return config
 
 
@@ -369,9 +341,7 @@ class AutoBackbone:
         if source.kind in ("timm", "file"):
             return TimmBackbone.from_pretrained(source.name, **load_kwargs, **hub_kwargs, **kwargs)
         hub_kwargs = source.hub_kwargs
-        config_dict = source.read_json(CONFIG_NAME)
-        if config_dict is None:
-            raise OSError(f"{source.describe()} has no {CONFIG_NAME}{source.offline_note()}")
+        config_dict = source.config_dict()
         if _is_timm_repo_config(config_dict):
             return TimmBackbone.from_pretrained(source.name, **load_kwargs, **hub_kwargs, **kwargs)
         config = load_kwargs.pop("config", None)
@@ -388,10 +358,6 @@ class AutoBackbone:
         if kwargs:
             config = type(config).from_dict(config.to_dict(), **kwargs)
         cls = AutoBackbone.backbone_class(config)
-        if source.kind == "hub" and resolve_weights(source.name, **hub_kwargs) is None:
-            raise OSError(
-                f"{source.describe()} has none of the weight files {list(WEIGHT_FILE_NAMES)}{source.offline_note()}"
-            )
         return cls.from_pretrained(source.name, config=config, **load_kwargs, **hub_kwargs)
 
     @staticmethod
@@ -407,18 +373,13 @@ class AutoBackbone:
             )
         backbone_config = type(backbone_config).from_dict(backbone_config.to_dict(), **overrides)
         model = AutoBackbone.from_config(backbone_config)
-        weights = resolve_weights(source.name, **source.hub_kwargs)
-        if weights is None:
-            raise OSError(
-                f"{source.describe()} has none of the weight files {list(WEIGHT_FILE_NAMES)}{source.offline_note()}"
-            )
+        state_dict, path = source.load_state_dict()
         prefix = TASK_BACKBONE_PREFIXES[config.model_type]
-        state_dict = load_weights(weights, src=source.name, **source.hub_kwargs)
         # keys such as "model.pixel_level_module.encoder.<backbone key>", with or without the task's "model."
         encoder = {key.partition(prefix)[2]: value for key, value in state_dict.items() if prefix in key}
         if not encoder:
-            raise OSError(f"{weights} holds no backbone weights (no keys containing {prefix!r})")
-        model.load_checkpoint(encoder, strict=load_kwargs.get("strict", False), source=str(weights))
+            raise OSError(f"{path} holds no backbone weights (no keys containing {prefix!r})")
+        model.load_checkpoint(encoder, strict=load_kwargs.get("strict", False), source=path)
         dtype = load_kwargs.get("torch_dtype") or load_kwargs.get("dtype")
         if dtype is not None:
             model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
@@ -486,12 +447,13 @@ class AutoImageProcessor:
         if source.kind == "timm":
             return TimmImageProcessor.from_pretrained(source.name, **hub_kwargs, **kwargs)
         if source.kind == "file":
-            return AutoImageProcessor._from_processor_dict(read_json(source.name), None, kwargs)
+            return AutoImageProcessor._from_processor_dict(source.config_dict(), None, kwargs)
         processor_dict = source.read_json(PROCESSOR_NAME)
         if processor_dict is not None:
             return AutoImageProcessor._from_processor_dict(processor_dict, source, kwargs)
         config_dict = source.read_json(CONFIG_NAME) or {}
-        if "pretrained_cfg" in config_dict or config_dict.get("model_type") == "timm_backbone":
+        is_timm = PROCESSOR_FOR_MODEL_TYPE.get(config_dict.get("model_type")) == "TimmImageProcessor"
+        if "pretrained_cfg" in config_dict or is_timm:
             return TimmImageProcessor.from_pretrained(source.name, **source.hub_kwargs, **kwargs)
         raise OSError(
             f"{source.describe()} has no {PROCESSOR_NAME}, and its {CONFIG_NAME} is not a timm model's (no "

@@ -160,24 +160,163 @@ class BackboneOutput(ModelOutput):
 
 
 class BackboneMixin:
-    """Stage bookkeeping shared by every backbone.
+    """The backbone contract shared by every backbone: stage bookkeeping, the one ``forward``, input checks, and which
+    stages train.
 
-    The model sets ``stage_names``, ``num_features`` (channels of every stage) and ``stage_strides`` in its
-    constructor; the selection itself lives on ``config`` so that a saved config reloads to the same outputs.
+    A family calls :meth:`init_stages` at the end of its constructor and implements :meth:`forward_stages` (the
+    outputs of the stages asked for, NCHW); it may override :meth:`feature_map` (a per-output transform such as
+    Swin's stage norm) and :meth:`stage_modules` (the modules computing each stage, so that stages after the deepest
+    selected one do not train). The selection lives on ``config`` so that a saved config reloads to the same outputs;
+    it may change after construction within the stages the model holds (:attr:`num_built_stages`).
     """
 
     stage_names: list[str]
     num_features: list[int]
     stage_strides: list[int]
+    num_built_stages: int
     has_attentions: bool = False
 
+    def init_stages(
+        self,
+        stage_names: list[str],
+        num_features: list[int],
+        stage_strides: list[int],
+        num_built_stages: int | None = None,
+    ) -> None:
+        """Record every stage (name, channels, stride) and how many of them the model holds (all by default), then
+        apply the config's selection."""
+        self.stage_names = list(stage_names)
+        self.num_features = list(num_features)
+        self.stage_strides = list(stage_strides)
+        self.num_built_stages = len(stage_names) if num_built_stages is None else num_built_stages
+        self._applied_selection: tuple[int, ...] = ()
+        self.sync_selection()
+
+    # the forward pass ---------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BackboneOutput | tuple:
+        """Feature maps of the selected stages, NCHW, in stage order.
+
+        Args:
+            pixel_values: Float images, ``(batch, num_channels, height, width)``.
+            output_hidden_states: Also return the output of every stage the model holds (``None``: the config's).
+            output_attentions: Also return attention weights, for backbones that have them (``None``: the config's).
+            return_dict: ``False`` returns a tuple instead of :class:`BackboneOutput` (``None``: the config's).
+
+        Raises:
+            TypeError, ValueError: input the backbone cannot run (see :meth:`check_pixel_values`), attentions asked
+                of a backbone without them, or a selection deeper than the stages the model holds.
+        """
+        config = self.config
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
+        return_dict = return_dict if return_dict is not None else config.use_return_dict
+        if output_attentions and not self.has_attentions:
+            raise ValueError(
+                f"{type(self).__name__} cannot return attentions: it has no attention weights to return; call it "
+                f"with output_attentions=False"
+            )
+        self.sync_selection()
+        self.check_pixel_values(pixel_values)
+        indices = self.out_indices
+        every = tuple(range(self.num_built_stages))
+        states, attentions = self.forward_stages(
+            pixel_values, every if output_hidden_states or output_attentions else tuple(indices), output_attentions
+        )
+        output = BackboneOutput(
+            feature_maps=tuple(self.feature_map(i, states[i]) for i in indices),
+            hidden_states=tuple(states[i] for i in every) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def forward_stages(
+        self, pixel_values: torch.Tensor, indices: tuple[int, ...], output_attentions: bool
+    ) -> tuple[dict[int, torch.Tensor], Sequence[torch.Tensor] | None]:
+        """Run the stages up to ``max(indices)`` and return the outputs of ``indices`` (NCHW, before
+        :meth:`feature_map`), and the attention weights when asked for. Implemented by each family."""
+        raise NotImplementedError
+
+    def feature_map(self, index: int, state: torch.Tensor) -> torch.Tensor:
+        """The feature map returned for selected stage ``index`` from its output ``state``; the output itself."""
+        return state
+
+    # which stages run and train -----------------------------------------------------------------------------------
+    def stage_modules(self, index: int) -> list[torch.nn.Module]:
+        """The modules that compute stage ``index`` from the previous stage's output (none known by default)."""
+        return []
+
+    def output_modules(self, index: int) -> list[torch.nn.Module]:
+        """Modules applied to stage ``index`` only when it is selected (Swin's stage norms)."""
+        return []
+
+    def sync_selection(self) -> None:
+        """Apply the config's selection: check it against the stages the model holds, and make the stages up to the
+        deepest selected one (and the output modules of the selected ones) trainable, the others not, so that
+        ``DistributedDataParallel`` needs no ``find_unused_parameters``.
+
+        Runs at construction, when the model's selection setters are used, and at each forward (the config may have
+        been changed directly). Only the stages whose role changed are touched, so parameters frozen by hand stay
+        frozen.
+
+        Raises:
+            ValueError: a stage deeper than the model holds is selected.
+        """
+        selection = tuple(self.config.out_indices)
+        if selection == self._applied_selection:
+            return
+        deepest = max(selection)
+        if deepest >= self.num_built_stages:
+            built = self.num_built_stages - 1
+            raise ValueError(
+                f"stage {deepest} ({self.stage_names[deepest]!r}) is selected, but this {type(self).__name__} was "
+                f"built with stages 0..{built} only (up to {self.stage_names[built]!r}); select within those, or "
+                f"build it with the deeper selection (from_pretrained(src, out_indices=[..., {deepest}]))"
+            )
+        before = self._applied_selection
+        old_deepest = max(before) if before else None
+        for i in range(self.num_built_stages):
+            needed = i <= deepest
+            if old_deepest is None or needed != (i <= old_deepest):
+                for module in self.stage_modules(i):
+                    module.requires_grad_(needed)
+            selected = i in selection
+            if not before or selected != (i in before):
+                for module in self.output_modules(i):
+                    module.requires_grad_(selected)
+        self._applied_selection = selection
+
+    # stage bookkeeping --------------------------------------------------------------------------------------------
     @property
     def out_features(self) -> list[str]:
         return self.config.out_features
 
+    @out_features.setter
+    def out_features(self, value: Sequence[str]) -> None:
+        self._select(value, None)
+
     @property
     def out_indices(self) -> list[int]:
         return self.config.out_indices
+
+    @out_indices.setter
+    def out_indices(self, value: Sequence[int]) -> None:
+        self._select(None, value)
+
+    def _select(self, out_features: Any, out_indices: Any) -> None:
+        """Change the selection (validated against the stages the model holds); the previous one stays on error."""
+        previous = (self.config.out_features, self.config.out_indices)
+        self.config.set_output_features_output_indices(out_features, out_indices)
+        try:
+            self.sync_selection()
+        except ValueError:
+            self.config.set_output_features_output_indices(*previous)
+            raise
 
     @property
     def out_feature_channels(self) -> dict[str, int]:

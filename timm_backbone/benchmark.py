@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+
+from .auto import FAMILIES, get_family
 
 IMPLEMENTATIONS = ("timm", "native", "native_opt", "transformers")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -61,22 +62,6 @@ MODELS: dict[str, ModelSpec] = {
     )
 }
 QUICK_MODELS = ("resnet18", "swin_t")
-_TRANSFORMERS_BACKBONES = {"swin": "SwinBackbone", "resnet": "ResNetBackbone"}
-
-# how each family's native stage is compared with timm's
-COMPARISON_NOTES = {
-    "swin": (
-        "native stage k = timm layers.(k-1), compared after applying the native stage norm (hidden_states_norms) "
-        "to timm's output, which timm leaves unnormalised; timm has no stem output. The native backbone is built "
-        "with timm's window semantics (SwinConfig.from_timm): where a stage's map fits in one window (stage4 at 224) "
-        "transformers still shifts and pads its windows, so native-vs-transformers differs there by design "
-        "(SwinConfig(window_semantics='transformers') matches transformers exactly)"
-    ),
-    "resnet": (
-        "native stage k = timm layer{k}; the native stem includes the stem max-pool (stride 4) that timm's act1 "
-        "tap (stride 2) precedes, so timm's act1 is max-pooled (3x3, stride 2, padding 1) before comparing"
-    ),
-}
 
 
 @dataclass
@@ -127,8 +112,9 @@ class BenchSettings:
         if not self.models:
             raise ValueError(f"no models to run; choose from {list(MODELS)}")
         families = {m.family for m in self.models if isinstance(m, ModelSpec)}
-        if families - set(COMPARISON_NOTES):
-            raise ValueError(f"unknown model families {sorted(families)}; choose from {sorted(COMPARISON_NOTES)}")
+        comparable = sorted(f.name for f in FAMILIES.values() if f.timm_as_native is not None)
+        if families - set(comparable):
+            raise ValueError(f"unknown model families {sorted(families - set(comparable))}; choose from {comparable}")
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise ValueError(f"batch sizes must be positive integers, got {self.batch_sizes}")
         if self.input_size < 32 or self.input_size % 32:
@@ -245,19 +231,6 @@ def peak_memory(call: Callable[[], Any], device: str = "cpu") -> int:
 
 
 # weights and contenders ------------------------------------------------------------------------------------------
-def _family(family: str) -> tuple[type, type, Callable[[dict], dict]]:
-    """(config class, backbone class, timm-to-transformers key mapping) of a native family."""
-    if family == "swin":
-        from .models.swin import SwinBackbone, SwinConfig, swin_timm_to_transformers
-
-        return SwinConfig, SwinBackbone, swin_timm_to_transformers
-    if family == "resnet":
-        from .models.resnet import ResNetBackbone, ResNetConfig, resnet_timm_to_transformers
-
-        return ResNetConfig, ResNetBackbone, resnet_timm_to_transformers
-    raise ValueError(f"unknown model family {family!r}; choose from ['resnet', 'swin']")
-
-
 def random_timm_state_dict(timm_name: str, seed: int, **model_args: Any) -> dict[str, torch.Tensor]:
     """timm's random initialisation, with norm statistics and affine parameters perturbed.
 
@@ -284,31 +257,8 @@ def random_timm_state_dict(timm_name: str, seed: int, **model_args: Any) -> dict
 
 def native_config(spec: ModelSpec, **overrides: Any) -> Any:
     """The native config matching the timm architecture of ``spec`` (timm's window semantics for Swin)."""
-    config_class, _, _ = _family(spec.family)
-    return config_class(**{**config_class.timm_fields(spec.timm_name), **spec.native_args, **overrides})
-
-
-def _timm_stage(spec: ModelSpec, native_index: int) -> int | None:
-    """timm's feature index for a native stage index (``None``: timm has no such tap)."""
-    if spec.family == "swin":
-        return native_index - 1 if native_index > 0 else None
-    return native_index
-
-
-def _timm_as_native(
-    spec: ModelSpec, stage_name: str, feature: torch.Tensor, weights: dict[str, torch.Tensor]
-) -> torch.Tensor:
-    """timm's feature map made comparable with the native stage (see :data:`COMPARISON_NOTES`)."""
-    if spec.family == "swin":
-        weight = weights.get(f"hidden_states_norms.{stage_name}.weight")
-        bias = weights.get(f"hidden_states_norms.{stage_name}.bias")
-        x = feature.permute(0, 2, 3, 1).float()
-        w = weight.float().to(x.device) if weight is not None else None
-        b = bias.float().to(x.device) if bias is not None else None
-        return F.layer_norm(x, x.shape[-1:], w, b, eps=1e-5).permute(0, 3, 1, 2)
-    if stage_name == "stem":
-        return F.max_pool2d(feature.float(), kernel_size=3, stride=2, padding=1)
-    return feature.float()
+    family = get_family(spec.family)
+    return family.config_class(**{**family.native_fields(spec.timm_name), **spec.native_args, **overrides})
 
 
 def _max_abs_diff(a: torch.Tensor | None, b: torch.Tensor | None) -> float | None:
@@ -323,13 +273,14 @@ class _Weights:
     """One random checkpoint of a model in both layouts, and a transformers-layout folder holding it."""
 
     def __init__(self, spec: ModelSpec, settings: BenchSettings, folder: str) -> None:
-        _, backbone_class, to_transformers = _family(spec.family)
+        family = get_family(spec.family)
+        backbone_class = family.backbone_class
         # the checkpoint is drawn at the model's own resolution; the timm contender runs at the input size
         self.timm = random_timm_state_dict(spec.timm_name, settings.seed, **spec.timm_args)
         self.timm_args = dict(spec.timm_args)
-        if spec.family == "swin":
-            self.timm_args["img_size"] = settings.input_size
-        self.transformers = dict(to_transformers(self.timm))
+        if family.benchmark_timm_args is not None:
+            self.timm_args.update(family.benchmark_timm_args(settings.input_size))
+        self.transformers = dict(family.timm_to_transformers(self.timm))
         num_stages = len(native_config(spec).stage_names)
         full = backbone_class(native_config(spec, out_indices=list(range(num_stages))))
         generator = torch.Generator().manual_seed(settings.seed + 2)
@@ -348,9 +299,10 @@ def _build_contenders(
 ) -> dict[str, torch.nn.Module]:
     from .models.timm_backbone import TimmBackbone, TimmBackboneConfig
 
-    _, backbone_class, _ = _family(spec.family)
+    family = get_family(spec.family)
+    backbone_class = family.backbone_class
     models: dict[str, torch.nn.Module] = {}
-    timm_index = _timm_stage(spec, index)
+    timm_index = family.timm_stage(index)
     if timm_index is not None:
         config = TimmBackboneConfig(spec.timm_name, out_indices=[timm_index], model_args=dict(weights.timm_args))
         models["timm"] = TimmBackbone(config, timm_state_dict=weights.timm)
@@ -360,7 +312,7 @@ def _build_contenders(
         import transformers
 
         # the concrete class: transformers' AutoBackbone asks the hub whether a local folder is a repo
-        tf_class = getattr(transformers, _TRANSFORMERS_BACKBONES[spec.family])
+        tf_class = getattr(transformers, family.transformers_backbone)
         models["transformers"] = tf_class.from_pretrained(weights.folder, out_indices=[index])
     if settings.native_optimized and hasattr(backbone_class, "optimize_for_inference"):
         models["native_opt"] = backbone_class.from_pretrained(weights.folder, config=config)
@@ -440,7 +392,7 @@ def run_benchmark(settings: BenchSettings, progress: Callable[[str], None] | Non
                     batch=batch,
                     mode=mode,
                     input_size=settings.input_size,
-                    comparison=COMPARISON_NOTES[spec.family],
+                    comparison=get_family(spec.family).comparison_note,
                 )
                 report["runs"].append(run)
     finally:
@@ -470,9 +422,10 @@ def _run_one(
     bad = [i for i in indices if not 0 <= i < len(weights.stage_names)]
     if bad:
         raise ValueError(f"stages {bad} out of range; {spec.key} has stages 0..{len(weights.stage_names) - 1}")
+    family = get_family(spec.family)
     stages = []
     for index in indices:
-        name = weights.stage_names[index]
+        name, timm_index = weights.stage_names[index], family.timm_stage(index)
         models = _build_contenders(spec, weights, index, dtype, settings, with_tf)
         runners = {n: (torch.compile(m) if mode == "compile" else m) for n, m in models.items()}
         with torch.inference_mode():
@@ -482,13 +435,13 @@ def _run_one(
             memory = {n: peak_memory(c, settings.device) for n, c in calls.items()} if settings.memory else {}
         reference = None
         if "timm" in outputs:
-            reference = _timm_as_native(spec, name, outputs["timm"], norm_weights)
+            reference = family.timm_as_native(name, outputs["timm"], norm_weights)
         native = outputs["native"]
         medians = {n: statistics.median(t) for n, t in times.items()}
         stage = {
             "index": index,
             "name": name,
-            "timm_stage": models["timm"].stage_names[_timm_stage(spec, index)] if "timm" in models else None,
+            "timm_stage": models["timm"].stage_names[timm_index] if "timm" in models else None,
             "shape": list(native.shape),
             "max_abs_diff": {
                 "timm": _max_abs_diff(native, reference),

@@ -9,19 +9,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .backbone import align_stage_selection
-from .hub import CONFIG_NAME, atomic_write, read_json, resolve_file
+from .hub import CONFIG_NAME, Source, atomic_write, pop_hub_kwargs, resolve_source
 
-HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "subfolder")
-
-
-def pop_hub_kwargs(kwargs: dict) -> dict:
-    """Split the hub arguments (revision, cache_dir, token, local_files_only, subfolder) out of ``kwargs``."""
-    hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
-    if "use_auth_token" in kwargs:
-        hub.setdefault("token", kwargs.pop("use_auth_token"))
-    kwargs.pop("force_download", None)
-    kwargs.pop("trust_remote_code", None)  # never honoured: no code is run from checkpoints
-    return hub
+__all__ = ["BackboneConfigMixin", "NativeBackboneConfigMixin", "PretrainedConfig", "pop_hub_kwargs"]
 
 
 class PretrainedConfig:
@@ -43,12 +33,22 @@ class PretrainedConfig:
             self.id2label = {int(k): v for k, v in id2label.items()}
         else:
             self.id2label = {i: f"LABEL_{i}" for i in range(num_labels if num_labels is not None else 2)}
+        # transformers' output flags: forward() arguments left at None read them
+        self.output_hidden_states = bool(kwargs.pop("output_hidden_states", False))
+        self.output_attentions = bool(kwargs.pop("output_attentions", False))
+        self.return_dict = bool(kwargs.pop("return_dict", True))
+        kwargs.pop("use_return_dict", None)  # derived
         self.architectures = kwargs.pop("architectures", None)
         self.name_or_path = kwargs.pop("_name_or_path", kwargs.pop("name_or_path", ""))
         kwargs.pop("model_type", None)
         kwargs.pop("transformers_version", None)
         for key, value in kwargs.items():
             setattr(self, key, value)
+
+    @property
+    def use_return_dict(self) -> bool:
+        """Whether ``forward`` returns an output object (``return_dict``) rather than a tuple."""
+        return self.return_dict and not getattr(self, "torchscript", False)
 
     # labels ------------------------------------------------------------------------------------------------------
     @property
@@ -91,29 +91,48 @@ class PretrainedConfig:
             f.write(self.to_json_string())
 
     @classmethod
-    def get_config_dict(cls, src: str | os.PathLike, **hub_kwargs: Any) -> dict[str, Any]:
-        """Read ``config.json`` from a folder, a hub id or a path to the JSON file itself."""
-        if os.path.isfile(src):
-            return read_json(src)
-        path = resolve_file(src, CONFIG_NAME, **hub_kwargs)
-        if path is None:
-            raise OSError(f"{os.fspath(src)!r} has no {CONFIG_NAME}")
-        return read_json(path)
-
-    @classmethod
     def from_pretrained(cls, src: str | os.PathLike, **kwargs: Any) -> PretrainedConfig:
-        """Load a config from a folder or hub id; other keyword arguments override its fields.
+        """Load a config from a folder, a hub id, a ``config.json`` path or (backbones that take one) a timm name;
+        other keyword arguments override its fields.
 
         Args:
-            src: A local folder, a ``config.json`` path, or a hub repo id.
+            src: Anything :func:`~timm_backbone.hub.resolve_source` resolves.
             **kwargs: ``revision``, ``cache_dir``, ``token``, ``local_files_only``, ``subfolder`` for the hub, and
                 field overrides such as ``out_indices``.
+
+        Raises:
+            OSError: the source is not found or has no ``config.json``.
+            ValueError: the file is of another ``model_type``.
         """
         hub_kwargs = pop_hub_kwargs(kwargs)
-        config_dict = cls.get_config_dict(src, **hub_kwargs)
-        config = cls.from_dict(config_dict, **kwargs)
-        config.name_or_path = os.fspath(src)
+        return cls.from_source(resolve_source(src, **hub_kwargs), **kwargs)
+
+    @classmethod
+    def from_source(cls, source: Source, **overrides: Any) -> PretrainedConfig:
+        """The config a resolved source describes (see :meth:`from_pretrained`)."""
+        if source.kind == "file" and not source.name.endswith(".json"):
+            hint = (
+                f" (a timm or torchvision checkpoint: {cls.__name__}.from_timm('<name>'))"
+                if hasattr(cls, "from_timm")
+                else ""
+            )
+            raise ValueError(
+                f"loading the weights file {source.name} needs config=, the {cls.__name__} of its model{hint}"
+            )
+        if source.kind == "timm":
+            return cls.from_timm_dict(source.config_dict(), name=source.name, **overrides)
+        config = cls.from_dict(source.config_dict(), **overrides)
+        config.name_or_path = source.name
         return config
+
+    @classmethod
+    def from_timm_dict(cls, timm_config: dict[str, Any], name: str = "", **overrides: Any) -> PretrainedConfig:
+        """The config of a timm model, from its hub ``config.json`` (``architecture``, ``model_args``...).
+
+        Raises:
+            ValueError: this config class cannot describe timm models.
+        """
+        raise ValueError(f"{cls.__name__} cannot be built from the timm model {name or timm_config!r}")
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **overrides: Any) -> PretrainedConfig:
@@ -216,6 +235,15 @@ class NativeBackboneConfigMixin(BackboneConfigMixin):
         return config_dict
 
     @classmethod
+    def from_timm_dict(cls, timm_config: dict[str, Any], name: str = "", **overrides: Any) -> PretrainedConfig:
+        if "architecture" not in timm_config:
+            raise ValueError(f"not a timm config (no 'architecture'): keys {sorted(timm_config)}")
+        timm_config = {k: v for k, v in timm_config.items() if k != "model_type"}
+        config = cls(**cls._prepare_dict({**timm_config, **overrides}))
+        config.name_or_path = name
+        return config
+
+    @classmethod
     def from_timm(cls, name_or_config: str | os.PathLike | dict[str, Any], **kwargs: Any) -> PretrainedConfig:
         """The native config of a timm model: a name with or without tag (``resnet50.a1_in1k``), a timm hub repo
         (folder, ``org/name`` or ``hf-hub:org/name``, read from the cache when offline) or its ``config.json`` dict.
@@ -229,19 +257,9 @@ class NativeBackboneConfigMixin(BackboneConfigMixin):
         """
         hub_kwargs = pop_hub_kwargs(kwargs)
         if isinstance(name_or_config, dict):
-            timm_config = dict(name_or_config)
-        else:
-            src = os.fspath(name_or_config).removeprefix("hf-hub:")
-            if os.path.isfile(src):
-                timm_config = read_json(src)
-            elif os.path.isdir(src) or "/" in src:
-                path = resolve_file(src, CONFIG_NAME, **hub_kwargs)
-                if path is None:
-                    raise OSError(f"{src!r} has no {CONFIG_NAME}")
-                timm_config = read_json(path)
-            else:
-                timm_config = {"architecture": src}
-        if "architecture" not in timm_config:
-            raise ValueError(f"not a timm config (no 'architecture'): keys {sorted(timm_config)}")
-        timm_config.pop("model_type", None)
-        return cls(**cls._prepare_dict({**timm_config, **kwargs}))
+            return cls.from_timm_dict(dict(name_or_config), **kwargs)
+        name = os.fspath(name_or_config)
+        if not os.path.exists(name) and "/" not in name:  # an architecture name, checked against the native ones
+            return cls.from_timm_dict({"architecture": name}, name=name, **kwargs)
+        source = resolve_source(name, **hub_kwargs)
+        return cls.from_timm_dict(source.config_dict(), name=source.name, **kwargs)

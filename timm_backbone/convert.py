@@ -11,32 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .hub import (
-    CONFIG_NAME,
-    SAFE_WEIGHTS_NAME,
-    atomic_write,
-    load_weights,
-    read_json,
-    resolve_file,
-    resolve_weights,
-    save_safetensors_atomic,
-)
+from .auto import FAMILIES, ModelFamily, family_of, get_family
+from .hub import CONFIG_NAME, SAFE_WEIGHTS_NAME, atomic_write, read_json, resolve_source, save_safetensors_atomic
 
-FAMILIES = ("swin", "resnet")
 LAYOUTS = ("timm", "transformers")
-# a classifier's key in each layout, and the task-model prefix transformers puts on everything else
-_HEADS = {("swin", "timm"): "head.fc.weight", ("resnet", "timm"): "fc.weight"}
-_HF_HEADS = {"swin": "classifier.weight", "resnet": "classifier.1.weight"}
-_TASK_PREFIX = {"swin": "swin.", "resnet": "resnet."}
-_TASK_CLASS = {"swin": ("SwinForImageClassification", "SwinModel"),
-               "resnet": ("ResNetForImageClassification", "ResNetModel")}  # fmt: skip
 
 
 @dataclass
@@ -62,87 +46,47 @@ class ConversionResult:
 
 
 # layouts ---------------------------------------------------------------------------------------------------------
-def _mappings(family: str) -> tuple[Callable[[dict], dict], Callable[[dict], dict]]:
-    """(timm -> transformers, transformers -> timm) key mappings of a family, from its model file."""
-    if family == "swin":
-        from .models.swin import swin_timm_to_transformers, swin_transformers_to_timm
-
-        return swin_timm_to_transformers, swin_transformers_to_timm
-    if family == "resnet":
-        from .models.resnet import resnet_timm_to_transformers, resnet_transformers_to_timm
-
-        return resnet_timm_to_transformers, resnet_transformers_to_timm
-    raise ValueError(f"unknown model family {family!r}; choose from {list(FAMILIES)}")
+def _convertible() -> list[ModelFamily]:
+    """The registered families that know their timm and transformers layouts."""
+    return [f for f in FAMILIES.values() if f.detect_layout is not None and f.timm_to_transformers is not None]
 
 
 def detect_layout(state_dict: dict[str, Any]) -> tuple[str, str]:
-    """The family (``swin`` / ``resnet``) and layout (``timm`` / ``transformers``) of a state dict.
+    """The family (``swin``, ``resnet``...) and layout (``timm`` / ``transformers``) of a state dict.
 
     Raises:
-        ValueError: the keys are neither a Swin nor a ResNet of either layout.
+        ValueError: the keys are not those of any registered family in either layout.
     """
-    keys = list(state_dict)
-    if "patch_embed.proj.weight" in state_dict and any(k.startswith("layers.0.blocks.") for k in keys):
-        return "swin", "timm"
-    if any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in keys):
-        return "swin", "transformers"
-    if "conv1.weight" in state_dict and any(k.startswith("layer1.") for k in keys):
-        return "resnet", "timm"
-    if any(k.endswith("embedder.embedder.convolution.weight") for k in keys):
-        return "resnet", "transformers"
+    for family in _convertible():
+        layout = family.detect_layout(state_dict)
+        if layout is not None:
+            return family.name, layout
+    names = [f.name for f in _convertible()]
     raise ValueError(
-        f"not a Swin or ResNet checkpoint in timm's or transformers' layout (first keys: {keys[:4]}); expected "
-        f"'patch_embed.proj.weight' (timm Swin), '...embeddings.patch_embeddings.projection.weight' (transformers "
-        f"Swin), 'conv1.weight' (timm ResNet) or '...embedder.embedder.convolution.weight' (transformers ResNet)"
+        f"not a checkpoint of {names} in timm's or transformers' layout (first keys: {list(state_dict)[:4]})"
     )
 
 
 def to_transformers(state_dict: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
     """A timm state dict in transformers' layout: the task model's (``swin.`` / ``resnet.`` prefix) when it has a
     classifier, the base model's otherwise."""
-    timm_to_hf, _ = _mappings(family)
-    out = timm_to_hf(state_dict)
+    fam = get_family(family)
+    out = fam.timm_to_transformers(state_dict)
     if not any(k.startswith("classifier.") for k in out):
         return out
-    prefix = _TASK_PREFIX[family]
+    prefix = fam.transformers_heads[2]
     return {(k if k.startswith("classifier.") else prefix + k): v for k, v in out.items()}
 
 
 def to_timm(state_dict: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
-    """A transformers state dict (any of its Swin/ResNet layouts) in timm's layout."""
-    _, hf_to_timm = _mappings(family)
-    return hf_to_timm(state_dict)
+    """A transformers state dict (any of the family's layouts) in timm's layout."""
+    return get_family(family).transformers_to_timm(state_dict)
 
 
 # configs ---------------------------------------------------------------------------------------------------------
-def _config_class(family: str) -> type:
-    if family == "swin":
-        from .models.swin import SwinConfig
-
-        return SwinConfig
-    from .models.resnet import ResNetConfig
-
-    return ResNetConfig
-
-
 def native_fields_from_timm(family: str, architecture: str, model_args: dict[str, Any] | None = None) -> dict:
-    """Native config fields for a timm architecture and its ``model_args``.
-
-    ResNet model arguments that only resize a standard ResNet (``layers``, ``channels``) are read here, on top of
-    :meth:`ResNetConfig.timm_fields`, which accepts the standard variants as they are.
-    """
-    model_args = dict(model_args or {})
-    config_class = _config_class(family)
-    if family == "swin":
-        return config_class.timm_fields(architecture, **model_args)
-    layers, channels = model_args.pop("layers", None), model_args.pop("channels", None)
-    fields = config_class.timm_fields(architecture, **model_args)
-    expansion = 1 if fields["layer_type"] == "basic" else 4
-    if layers is not None:
-        fields["depths"] = list(layers)
-    if channels is not None:
-        fields["hidden_sizes"] = [c * expansion for c in channels]
-    return fields
+    """Native config fields for a timm architecture and its ``model_args``."""
+    return get_family(family).native_fields(architecture, dict(model_args or {}))
 
 
 def timm_architecture(config: Any) -> tuple[str, dict[str, Any]]:
@@ -152,50 +96,13 @@ def timm_architecture(config: Any) -> tuple[str, dict[str, Any]]:
     arguments (``depths``/``embed_dim``... for Swin, ``layers``/``channels`` for ResNet).
 
     Raises:
-        ValueError: the config describes something timm's model cannot express.
+        ValueError: the config describes something timm's model cannot express, or no convertible family.
     """
-    args: dict[str, Any] = {}
-    if config.model_type in ("swin", "maskformer-swin"):
-        from .models.swin import TIMM_SWIN_VARIANTS
-
-        if getattr(config, "use_absolute_embeddings", False):
-            raise ValueError("timm's SwinTransformer has no absolute position embeddings; cannot convert this model")
-        size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
-        ours = (config.embed_dim, tuple(config.depths), tuple(config.num_heads), config.window_size, size)
-        name = next((n for n, v in TIMM_SWIN_VARIANTS.items() if v == ours and config.patch_size == 4), None)
-        if name is None:
-            name = "swin_tiny_patch4_window7_224"
-            args = dict(embed_dim=config.embed_dim, depths=tuple(config.depths), num_heads=tuple(config.num_heads),
-                        window_size=config.window_size, img_size=size, patch_size=config.patch_size)  # fmt: skip
-        if config.mlp_ratio != 4.0:
-            args["mlp_ratio"] = config.mlp_ratio
-        if not config.qkv_bias:
-            args["qkv_bias"] = False
-    elif config.model_type == "resnet":
-        from .models.resnet import TIMM_RESNET_VARIANTS
-
-        fixed = dict(downsample_in_first_stage=False, downsample_in_bottleneck=False, hidden_act="relu",
-                     embedding_size=64)  # fmt: skip
-        differing = {k: getattr(config, k) for k, v in fixed.items() if getattr(config, k) != v}
-        if differing:
-            raise ValueError(
-                f"timm's plain ResNet has {fixed} (a 64-channel 7x7 stem, the stride on the 3x3 conv, ReLU); this "
-                f"config has {differing} and cannot be converted"
-            )
-        expansion = 1 if config.layer_type == "basic" else 4
-        wanted = (config.layer_type, tuple(config.depths))
-        name = next((n for n, v in TIMM_RESNET_VARIANTS.items() if (v[0], tuple(v[1])) == wanted), None)
-        if name is None:
-            name = "resnet18" if config.layer_type == "basic" else "resnet50"
-            args["layers"] = tuple(config.depths)
-        channels = tuple(h // expansion for h in config.hidden_sizes)
-        if channels != (64, 128, 256, 512) or any(h % expansion for h in config.hidden_sizes):
-            args["channels"] = channels
-    else:
-        raise ValueError(f"cannot convert model_type {config.model_type!r}; choose from ['swin', 'resnet']")
-    if config.num_channels != 3:
-        args["in_chans"] = config.num_channels
-    return name, args
+    family = family_of(config)
+    if family is None or family.timm_architecture is None:
+        names = [f.name for f in _convertible()]
+        raise ValueError(f"cannot convert model_type {config.model_type!r}; convertible families: {names}")
+    return family.timm_architecture(config)
 
 
 def timm_config_dict(architecture: str, model_args: dict[str, Any], num_classes: int, num_features: int) -> dict:
@@ -219,19 +126,15 @@ def timm_config_dict(architecture: str, model_args: dict[str, Any], num_classes:
 
 
 def _num_classes(timm_state_dict: dict[str, torch.Tensor], family: str) -> int:
-    head = timm_state_dict.get(_HEADS[(family, "timm")])
+    head = timm_state_dict.get(get_family(family).transformers_heads[0])
     return int(head.shape[0]) if head is not None else 0
 
 
 # files -----------------------------------------------------------------------------------------------------------
 def _read_source(src: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    if os.path.isfile(src):
-        return load_weights(src), None
-    config_path = resolve_file(src, CONFIG_NAME)
-    weights = resolve_weights(src)
-    if weights is None:
-        raise OSError(f"{src!r} holds no weights (model.safetensors, pytorch_model.bin or a shard index)")
-    return load_weights(weights, src=src), (read_json(config_path) if config_path is not None else None)
+    source = resolve_source(src)
+    state_dict, _ = source.load_state_dict()
+    return state_dict, (source.config_dict() if source.kind != "file" else None)
 
 
 def convert_checkpoint(
@@ -273,8 +176,9 @@ def convert_checkpoint(
     else:
         out_state = to_transformers(state_dict, family) if to == "transformers" else to_timm(state_dict, family)
     arch, model_args, native = _describe(family, layout, src_config, src)
-    if to == "timm" and family == "swin" and "norm.weight" not in out_state:
-        out_state = _with_identity_norm(out_state, native, notes)
+    complete = get_family(family).complete_timm_state_dict
+    if to == "timm" and complete is not None:
+        out_state = complete(out_state, native, notes)
 
     paths = []
     if dst.endswith(".safetensors"):
@@ -292,8 +196,8 @@ def convert_checkpoint(
         if to == "transformers":
             has_head = any(k.startswith("classifier.") for k in out_state)
             if has_head:
-                native.num_labels = int(out_state[_HF_HEADS[family]].shape[0])
-            native.architectures = [_TASK_CLASS[family][0 if has_head else 1]]
+                native.num_labels = int(out_state[get_family(family).transformers_heads[1]].shape[0])
+            native.architectures = [get_family(family).transformers_heads[3 if has_head else 4]]
             native.save_pretrained(dst)
         else:
             data = timm_config_dict(arch, model_args, _num_classes(out_state, family), _last_width(native))
@@ -310,11 +214,11 @@ def _describe(
     """(timm architecture, timm model_args, native config) of the source; ``(None, {}, None)`` when unknown."""
     if src_config is None:
         return None, {}, None
-    config_class = _config_class(family)
+    config_class = get_family(family).config_class
     if "architecture" in src_config and "model_type" not in src_config:
         arch = src_config["architecture"]
         model_args = dict(src_config.get("model_args") or {})
-        native = config_class(**native_fields_from_timm(family, arch, model_args))
+        native = config_class(**get_family(family).native_fields(arch, model_args))
         return arch, model_args, native
     if src_config.get("model_type") not in (config_class.model_type, *config_class.compatible_model_types):
         raise ValueError(
@@ -328,17 +232,9 @@ def _describe(
 
 
 def _last_width(config: Any) -> int:
-    return int(config.hidden_sizes[-1]) if hasattr(config, "hidden_sizes") else int(config.hidden_size)
-
-
-def _with_identity_norm(state_dict: dict[str, torch.Tensor], native: Any, notes: list[str]) -> dict:
-    """timm's Swin needs its final norm; a backbone checkpoint has none, so an identity norm is written."""
-    width = _last_width(native) if native is not None else None
-    if width is None:
-        last = [v for k, v in state_dict.items() if k.endswith("mlp.fc2.bias")]
-        width = int(last[-1].shape[0])
-    notes.append("the source has no final norm (a backbone checkpoint): timm's norm is written as identity (1, 0)")
-    return {**state_dict, "norm.weight": torch.ones(width), "norm.bias": torch.zeros(width)}
+    """Channels of the last stage, read from the backbone built on the meta device."""
+    with torch.device("meta"):
+        return int(family_of(config).backbone_class(config).num_features[-1])
 
 
 def _ensure_parent(path: str) -> None:

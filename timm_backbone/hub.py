@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +128,232 @@ def resolve_weights(src: str | os.PathLike, **hub_kwargs: Any) -> Path | None:
     return None
 
 
+# hub keyword arguments -------------------------------------------------------------------------------------------
+HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "subfolder")
+
+
+def pop_hub_kwargs(kwargs: dict) -> dict:
+    """Split the hub arguments (revision, cache_dir, token, local_files_only, subfolder) out of ``kwargs``."""
+    hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
+    if "use_auth_token" in kwargs:
+        hub.setdefault("token", kwargs.pop("use_auth_token"))
+    kwargs.pop("force_download", None)
+    kwargs.pop("trust_remote_code", None)  # never honoured: no code is run from checkpoints
+    return hub
+
+
+# timm names --------------------------------------------------------------------------------------------------------
+def split_timm_name(name: str) -> tuple[str, str | None]:
+    """``resnet50.a1_in1k`` -> (``resnet50``, ``a1_in1k``)."""
+    arch, _, tag = name.partition(".")
+    return arch, tag or None
+
+
+def check_timm_name(name: str) -> None:
+    """Raise ``ValueError`` with close matches when ``name`` (with or without tag) is not a timm architecture."""
+    import timm
+
+    arch, _ = split_timm_name(name)
+    if timm.is_model(arch):
+        return
+    close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+    hint = f"; close matches: {', '.join(close)}" if close else "; see timm.list_models() for the names"
+    raise ValueError(f"unknown timm model {name!r}{hint}")
+
+
+def timm_weights_repo(name: str) -> str:
+    """The hub repo holding timm's pretrained weights for ``name`` (``resnet50.a1_in1k`` -> ``timm/resnet50.a1_in1k``;
+    a name without tag means timm's default tag).
+
+    Raises:
+        ValueError: an unknown tag (the valid tags are listed), or no pretrained weights registered.
+        OSError: timm's weights for it are a URL, not a hub repo.
+    """
+    import timm
+
+    try:
+        pretrained_cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError as err:  # an unknown tag
+        arch, _ = split_timm_name(name)
+        tags = ", ".join(timm.list_pretrained(f"{arch}.*")) or "none"
+        raise ValueError(f"timm has no pretrained weights {name!r}; valid names with tags: {tags}") from err
+    if pretrained_cfg is None:
+        raise ValueError(f"timm has no pretrained weights registered for {name!r}")
+    if not pretrained_cfg.hf_hub_id:
+        raise OSError(
+            f"timm's weights for {name!r} are not on the hub (url: {pretrained_cfg.url}); download them and pass "
+            f"the file to from_pretrained with the config (or backbone=) naming the architecture"
+        )
+    return pretrained_cfg.hf_hub_id
+
+
+# sources -----------------------------------------------------------------------------------------------------------
+SOURCE_KINDS = ("file", "folder", "hub", "timm")
+
+
+@dataclass
+class Source:
+    """What a name passed to ``from_pretrained`` points to, found by :func:`resolve_source`.
+
+    Attributes:
+        name: The name as given.
+        kind: ``"file"`` (one file), ``"folder"``, ``"hub"`` (a hub repo, found online or in the cache) or ``"timm"``
+            (a timm model name with or without tag, or ``hf-hub:org/name``).
+        hub_kwargs: ``revision`` (pinned to a commit once found), ``cache_dir``, ``token``, ``local_files_only``,
+            ``subfolder``.
+    """
+
+    name: str
+    kind: str
+    hub_kwargs: dict[str, Any] = field(default_factory=dict)
+    _json: dict[str, dict[str, Any] | None] = field(default_factory=dict, repr=False)
+
+    @property
+    def is_repo(self) -> bool:
+        """A folder or hub repo: something that holds named files."""
+        return self.kind in ("folder", "hub")
+
+    def resolve(self, filename: str) -> Path | None:
+        """The local path of ``filename`` in this folder or hub repo, ``None`` when it has none."""
+        if not self.is_repo:
+            return None
+        return resolve_file(self.name, filename, **self.hub_kwargs)
+
+    def read_json(self, filename: str) -> dict[str, Any] | None:
+        """``filename`` parsed (and remembered), ``None`` when the source has no such file."""
+        if filename not in self._json:
+            path = self.resolve(filename)
+            self._json[filename] = read_json(path) if path is not None else None
+        return self._json[filename]
+
+    def config_dict(self) -> dict[str, Any]:
+        """The source's ``config.json``: of a folder or hub repo, a ``.json`` file, or a timm name's (its
+        ``architecture``; for ``hf-hub:org/name`` the repo's own file).
+
+        Raises:
+            OSError: a folder or repo without ``config.json``, or a file that is not JSON.
+        """
+        if self.kind == "timm":
+            if self.name.startswith("hf-hub:"):
+                return self.weights_source().config_dict()
+            return {"architecture": self.name}
+        if self.kind == "file":
+            return read_json(self.name)
+        config = self.read_json(CONFIG_NAME)
+        if config is None:
+            raise OSError(f"{self.describe()} has no {CONFIG_NAME}{self.offline_note()}")
+        return config
+
+    def weights_source(self) -> Source:
+        """Where the weights are: the source itself, or for a timm name the hub repo of its pretrained weights."""
+        if self.kind != "timm":
+            return self
+        repo = self.name[len("hf-hub:") :] if self.name.startswith("hf-hub:") else timm_weights_repo(self.name)
+        try:
+            return resolve_source(repo, hub_repo_only=True, **self.hub_kwargs)
+        except OSError as err:
+            raise OSError(
+                f"the pretrained weights of timm model {self.name!r} are in hub repo {repo!r}: {err}"
+            ) from err
+
+    def weights_file(self) -> Path:
+        """The first weight file found (safetensors, its index, ``pytorch_model.bin``, its index), or the file.
+
+        Raises:
+            OSError: the source holds none of them.
+        """
+        source = self.weights_source()
+        if source.kind == "file":
+            return Path(source.name)
+        for filename in WEIGHT_FILE_NAMES:
+            path = source.resolve(filename)
+            if path is not None:
+                return path
+        of = f" (the weights of timm model {self.name!r})" if source is not self else ""
+        raise OSError(f"{source.describe()}{of} has none of the weight files {list(WEIGHT_FILE_NAMES)}"
+                      f"{source.offline_note()}")  # fmt: skip
+
+    def load_state_dict(self) -> tuple[dict[str, torch.Tensor], str]:
+        """The source's weights and the path they were read from."""
+        path = self.weights_file()
+        source = self.weights_source()
+        return load_weights(path, src=source.name if source.is_repo else None, **source.hub_kwargs), str(path)
+
+    def offline_note(self) -> str:
+        """For messages about a missing file: offline, a cached repo may simply lack files never downloaded."""
+        if self.kind == "hub" and is_offline(self.hub_kwargs.get("local_files_only", False)):
+            return " in the local hub cache (hub access is off: files never downloaded are not there)"
+        return ""
+
+    def describe(self) -> str:
+        where = {"folder": "local folder", "hub": "hub repo", "timm": "timm model", "file": "file"}[self.kind]
+        revision = self.hub_kwargs.get("revision")
+        return f"{where} {self.name!r}" + (f" at revision {revision!r}" if revision and self.kind == "hub" else "")
+
+
+def resolve_source(src: str | os.PathLike, *, hub_repo_only: bool = False, **hub_kwargs: Any) -> Source:
+    """Decide what ``src`` is, in order: a file, a local folder, a timm name (``resnet50``, ``resnet50.a1_in1k``,
+    ``hf-hub:org/name``), a hub repo id (looked up online, or only in the cache with ``HF_HUB_OFFLINE`` /
+    ``local_files_only``). Every ``from_pretrained`` of the package starts here.
+
+    Args:
+        src: What the user passed.
+        hub_repo_only: Take ``src`` as a hub repo id only (no file, folder or timm name).
+        **hub_kwargs: ``revision``, ``cache_dir``, ``token``, ``local_files_only``, ``subfolder``.
+
+    Raises:
+        OSError: none of them; the message lists what was tried and why each failed.
+    """
+    name = os.fspath(src)
+    tried = []
+    if not hub_repo_only:
+        if os.path.isfile(name):
+            return Source(name, "file", hub_kwargs)
+        if os.path.isdir(name):
+            return Source(name, "folder", hub_kwargs)
+        if name.startswith("hf-hub:"):
+            repo = name[len("hf-hub:") :]
+            if not looks_like_repo_id(repo) or "/" not in repo:
+                raise OSError(f"{name!r} does not name a hub repo: 'hf-hub:' takes an id of the form 'org/name'")
+            return Source(name, "timm", hub_kwargs)
+        tried.append(f"a local folder: {os.path.abspath(name)} does not exist")
+        if "/" not in name:  # timm names never contain '/'; hub ids are 'org/name'
+            try:
+                check_timm_name(name)
+                return Source(name, "timm", hub_kwargs)
+            except ValueError as err:
+                tried.append(f"a timm model name: {err}")
+            # a bare word that is not a timm name is not looked up on the hub (ids are 'org/name'): the close
+            # matches above come back at once instead of after network retries
+            tried.append("a hub repo: not looked up, hub ids have the form 'org/name'")
+            raise OSError(f"cannot find {name!r}; tried it as\n  - " + "\n  - ".join(tried))
+    if not looks_like_repo_id(name):
+        tried.append("a hub repo: it is not an id of the form 'org/name'")
+    else:
+        try:
+            path = resolve_file(name, CONFIG_NAME, **hub_kwargs)  # raises when neither cached nor reachable
+        except OSError as err:
+            tried.append(f"a hub repo: {err}")
+        else:
+            commit = _snapshot_commit(path)
+            if commit is not None:  # later files come from the same commit, even if the branch moves meanwhile
+                hub_kwargs = {**hub_kwargs, "revision": commit}
+            return Source(name, "hub", hub_kwargs)
+    if hub_repo_only:
+        raise OSError(tried[-1].removeprefix("a hub repo: "))
+    raise OSError(f"cannot find {name!r}; tried it as\n  - " + "\n  - ".join(tried))
+
+
+def _snapshot_commit(path: Path | None) -> str | None:
+    """The commit of a hub cache path ``.../snapshots/<commit>/...``, if it is one."""
+    parts = path.parts if path is not None else ()
+    if "snapshots" in parts[:-1]:
+        commit = parts[parts.index("snapshots") + 1]
+        if len(commit) == 40 and all(c in "0123456789abcdef" for c in commit):
+            return commit
+    return None
+
+
 def read_json(path: str | os.PathLike) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
@@ -175,11 +403,21 @@ def load_weights(path: str | os.PathLike, src: str | os.PathLike | None = None, 
             f"could not read {path} as plain tensors with torch.load(weights_only=True) ({type(err).__name__}: "
             f"{err}); files that need arbitrary code to unpickle are refused"
         ) from err
-    for key in ("state_dict", "model", "module"):
-        if isinstance(state_dict, dict) and isinstance(state_dict.get(key), dict):
-            state_dict = state_dict[key]
+    if isinstance(state_dict, dict):
+        state_dict = unwrap_state_dict(state_dict)
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise OSError(f"{path} does not hold a state dict of tensors")
+    return state_dict
+
+
+def unwrap_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The tensors inside a checkpoint container: ``{"state_dict": ...}``, ``{"model": ...}``, ``{"module": ...}``
+    (training scripts' wrappers), with the ``module.`` prefix that ``DistributedDataParallel`` adds removed."""
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+    if state_dict and all(isinstance(k, str) and k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
     return state_dict
 
 

@@ -1,9 +1,6 @@
-"""Building blocks shared by the native models: stochastic depth, MLP, window partitioning, frozen BatchNorm and
-BatchNorm-folded (oneDNN-fused) convolutions."""
+"""Building blocks shared by the native models: MLP, window partitioning and frozen BatchNorm."""
 
 from __future__ import annotations
-
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -33,30 +30,6 @@ def get_activation(name: str) -> nn.Module:
             f"unknown activation {name!r}; choose one of {sorted([*_ACTIVATIONS, 'gelu_new', 'gelu_pytorch_tanh'])}"
         )
     return _ACTIVATIONS[name]()
-
-
-def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
-    """Zero whole samples of a residual branch with probability ``drop_prob`` and rescale the rest."""
-    if drop_prob == 0.0 or not training:
-        return x
-    keep_prob = 1.0 - drop_prob
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    mask = x.new_empty(shape).bernoulli_(keep_prob)
-    return x * mask.div_(keep_prob)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample (identity in eval or with ``drop_prob == 0``)."""
-
-    def __init__(self, drop_prob: float = 0.0) -> None:
-        super().__init__()
-        self.drop_prob = float(drop_prob)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return drop_path(x, self.drop_prob, self.training)
-
-    def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob}"
 
 
 _HAS_MKLDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -186,72 +159,3 @@ def freeze_batch_norm_2d(module: nn.Module) -> nn.Module:
         if new_child is not child:
             setattr(module, name, new_child)
     return module
-
-
-_ONEDNN_CONV_FUSION: bool | None = None
-
-
-def onednn_fusion_available() -> bool:
-    """Whether oneDNN's fused convolution kernels (those torch.compile's CPU backend emits) exist and compute right."""
-    global _ONEDNN_CONV_FUSION
-    if _ONEDNN_CONV_FUSION is None:
-        _ONEDNN_CONV_FUSION = False
-        if torch.backends.mkldnn.is_available():
-            try:
-                x = torch.randn(1, 4, 5, 5).contiguous(memory_format=torch.channels_last)
-                w, b = torch.randn(4, 4, 3, 3), torch.randn(4)
-                packed = torch.ops.mkldnn._reorder_convolution_weight(w, [1, 1], [1, 1], [1, 1], 1, list(x.shape))
-                got = torch.ops.mkldnn._convolution_pointwise.binary(
-                    x, x, packed, b, [1, 1], [1, 1], [1, 1], 1, "add", 1.0, "relu", [], ""
-                )
-                want = torch.relu(nn.functional.conv2d(x, w, b, 1, 1) + x)
-                _ONEDNN_CONV_FUSION = torch.allclose(got, want, atol=1e-4, rtol=1e-4)
-            except (RuntimeError, AttributeError, TypeError):
-                pass
-    return _ONEDNN_CONV_FUSION
-
-
-class FoldedConv:
-    """Inference only: a ``Conv2d`` with the eval-mode ``BatchNorm2d`` after it folded into its weight and bias.
-
-    Calling it computes ``relu(conv(x) + bias [+ residual])`` (ReLU optional). With ``onednn`` (fp32 CPU) that is one
-    oneDNN kernel with the bias, residual sum and ReLU fused, on weights packed for the first input's shape (other
-    shapes run correctly on the same packing); otherwise ``F.conv2d`` on the folded weights. The source modules are
-    only read, at construction.
-
-    Args:
-        conv: The convolution (no bias, groups 1).
-        norm: The BatchNorm after it (``BatchNorm2d`` or :class:`FrozenBatchNorm2d`).
-        onednn: Use oneDNN's fused kernels; see :func:`onednn_fusion_available`.
-    """
-
-    def __init__(self, conv: nn.Conv2d, norm: nn.Module, onednn: bool = False) -> None:
-        if conv.bias is not None or conv.groups != 1:
-            raise ValueError("FoldedConv takes a convolution without bias and with groups=1 (as ResNet's)")
-        with torch.no_grad():  # in float64: the folded terms then differ from BatchNorm's arithmetic by rounding only
-            scale = norm.weight.double() * torch.rsqrt(norm.running_var.double() + norm.eps)
-            weight = conv.weight.double() * scale[:, None, None, None]
-            self.bias = (norm.bias.double() - norm.running_mean.double() * scale).to(conv.weight.dtype)
-        self.weight = weight.to(conv.weight.dtype).contiguous(memory_format=torch.channels_last)
-        self.stride, self.padding, self.dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
-        self.onednn, self.packed = onednn, False
-        self._pack_lock = threading.Lock()
-
-    def __call__(self, x: torch.Tensor, relu: bool, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if self.onednn:
-            if not self.packed:
-                with self._pack_lock:  # threads sharing the model must not pack the already-packed weight again
-                    if not self.packed:
-                        self.weight = torch.ops.mkldnn._reorder_convolution_weight(
-                            self.weight, self.padding, self.stride, self.dilation, 1, list(x.shape)
-                        )
-                        self.packed = True
-            args = (self.weight, self.bias, self.padding, self.stride, self.dilation, 1)
-            if residual is None:
-                return torch.ops.mkldnn._convolution_pointwise(x, *args, "relu" if relu else "none", [], "")
-            unary = "relu" if relu else None
-            return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, *args, "add", 1.0, unary, [], "")
-        y = nn.functional.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
-        if residual is not None:
-            y = y.add_(residual)
-        return torch.relu_(y) if relu else y

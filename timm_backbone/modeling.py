@@ -13,16 +13,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .configuration import PretrainedConfig, pop_hub_kwargs
-from .hub import (
-    CONFIG_NAME,
-    SAFE_WEIGHTS_NAME,
-    WEIGHT_FILE_NAMES,
-    atomic_write_files,
-    load_weights,
-    resolve_weights,
-    safetensors_bytes,
-)
+from .configuration import PretrainedConfig
+from .hub import CONFIG_NAME, SAFE_WEIGHTS_NAME, atomic_write_files, pop_hub_kwargs, resolve_source, safetensors_bytes
 
 logger = logging.getLogger("timm_backbone")
 
@@ -134,6 +126,10 @@ class PreTrainedModel(nn.Module):
         return self.state_dict()
 
     # loading --------------------------------------------------------------------------------------------------------
+    def missing_ok(self) -> tuple[str, ...]:
+        """Regexes of this model's keys whose absence from a checkpoint is normal and not reported."""
+        return self.ignore_missing
+
     @classmethod
     def convert_state_dict(cls, state_dict: dict[str, torch.Tensor], config: PretrainedConfig) -> dict:
         """Map a foreign checkpoint layout to this model's keys; the default keeps it as it is."""
@@ -148,30 +144,46 @@ class PreTrainedModel(nn.Module):
         strict: bool = False,
         **kwargs: Any,
     ) -> PreTrainedModel:
-        """Build the model from a folder or hub id and load its weights; the model is returned in eval mode.
+        """Build the model and load its weights; the model is returned in eval mode.
 
         Args:
-            src: A local folder or a hub repo id.
-            config: Use this config instead of the source's ``config.json``.
+            src: Anything :func:`~timm_backbone.hub.resolve_source` resolves: a folder or hub id (this package's or
+                transformers' files, or a timm hub repo for backbones that take one), a timm name with or without
+                tag (``resnet50.a1_in1k``, ``hf-hub:org/name``: its pretrained weights, from the cache when
+                offline), or a weights file together with ``config``.
+            config: Use this config instead of the one the source implies.
             strict: Raise ``ValueError`` when keys are missing or unexpected, instead of reporting them.
-            **kwargs: Hub arguments (``revision``, ``cache_dir``, ``token``, ``local_files_only``) and config
-                overrides (``out_indices``, ``out_features``...).
+            **kwargs: Hub arguments (``revision``, ``cache_dir``, ``token``, ``local_files_only``, ``subfolder``),
+                ``torch_dtype``/``dtype``, and config overrides (``out_indices``, ``out_features``...).
+
+        Raises:
+            OSError: the source or its weights are not found (the message says where it looked).
+            ValueError: the source describes another model, or the weights do not fit it.
         """
         hub_kwargs = pop_hub_kwargs(kwargs)
         dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None)
+        source = resolve_source(src, **hub_kwargs)
         if config is None:
-            config = cls.config_class.from_pretrained(src, **hub_kwargs, **kwargs)
+            config = cls.config_class.from_source(source, **kwargs)
         elif kwargs:
             config = type(config).from_dict(config.to_dict(), **kwargs)
-        model = cls(config)
-        weights = resolve_weights(src, **hub_kwargs)
-        if weights is None:
-            raise OSError(f"{os.fspath(src)!r} has none of the weight files {list(WEIGHT_FILE_NAMES)}")
-        state_dict = load_weights(weights, src=src, **hub_kwargs)
-        model.load_checkpoint(state_dict, strict=strict, source=str(weights))
+        if source.kind == "timm" and not getattr(config, "use_pretrained_backbone", True):
+            model = cls(config)  # a timm name with pretrained weights declined: random weights, nothing read
+        else:
+            state_dict, path = source.load_state_dict()
+            model = cls.from_state_dict(config, state_dict, strict=strict, source=path)
         if dtype is not None:
             model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         return model.eval()
+
+    @classmethod
+    def from_state_dict(
+        cls, config: PretrainedConfig, state_dict: dict[str, torch.Tensor], strict: bool = False, source: str = ""
+    ) -> PreTrainedModel:
+        """Build the model for ``config`` and load ``state_dict`` (any layout :meth:`load_checkpoint` takes)."""
+        model = cls(config)
+        model.load_checkpoint(state_dict, strict=strict, source=source)
+        return model
 
     def load_checkpoint(
         self, state_dict: dict[str, torch.Tensor], strict: bool = False, source: str = ""
@@ -185,7 +197,7 @@ class PreTrainedModel(nn.Module):
         own = self.state_dict()
         state_dict = match_prefix(state_dict, own, self.checkpoint_prefixes)
         report = LoadReport(source=source)
-        report.missing_keys = [k for k in own if k not in state_dict and not _matches(k, self.ignore_missing)]
+        report.missing_keys = [k for k in own if k not in state_dict and not _matches(k, self.missing_ok())]
         report.unexpected_keys = [k for k in state_dict if k not in own and not _matches(k, self.ignore_unexpected)]
         report.mismatched_keys = [
             (k, tuple(v.shape), tuple(own[k].shape))

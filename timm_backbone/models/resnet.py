@@ -14,18 +14,23 @@ so it is reversible and saving is unaffected.
 
 from __future__ import annotations
 
-import os
-import re
+import threading
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..backbone import BackboneMixin, BackboneOutput
+from ..auto import ModelFamily, register_family
+from ..backbone import BackboneMixin
 from ..configuration import NativeBackboneConfigMixin, PretrainedConfig
-from ..hub import load_weights
-from ..layers import FoldedConv, freeze_batch_norm_2d, get_activation, onednn_fusion_available
+from ..hub import unwrap_state_dict
+from ..layers import freeze_batch_norm_2d, get_activation
 from ..modeling import PreTrainedModel
+from . import resnet_convert
+from .resnet_convert import resnet_timm_to_transformers, resnet_transformers_to_timm
+
+__all__ = ["TIMM_RESNET_VARIANTS", "ResNetBackbone", "ResNetConfig", "resnet_timm_to_transformers",
+           "resnet_transformers_to_timm"]  # fmt: skip
 
 LAYER_TYPES = ("basic", "bottleneck")
 
@@ -275,6 +280,76 @@ class ResNetEncoder(nn.Module):
 
 
 # inference path --------------------------------------------------------------------------------------------------
+# the fused inference path ----------------------------------------------------------------------------------
+_ONEDNN_CONV_FUSION: bool | None = None
+
+
+def onednn_fusion_available() -> bool:
+    """Whether oneDNN's fused convolution kernels (those torch.compile's CPU backend emits) exist and compute right."""
+    global _ONEDNN_CONV_FUSION
+    if _ONEDNN_CONV_FUSION is None:
+        _ONEDNN_CONV_FUSION = False
+        if torch.backends.mkldnn.is_available():
+            try:
+                x = torch.randn(1, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+                w, b = torch.randn(4, 4, 3, 3), torch.randn(4)
+                packed = torch.ops.mkldnn._reorder_convolution_weight(w, [1, 1], [1, 1], [1, 1], 1, list(x.shape))
+                got = torch.ops.mkldnn._convolution_pointwise.binary(
+                    x, x, packed, b, [1, 1], [1, 1], [1, 1], 1, "add", 1.0, "relu", [], ""
+                )
+                want = torch.relu(nn.functional.conv2d(x, w, b, 1, 1) + x)
+                _ONEDNN_CONV_FUSION = torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+            except (RuntimeError, AttributeError, TypeError):
+                pass
+    return _ONEDNN_CONV_FUSION
+
+
+class FoldedConv:
+    """Inference only: a ``Conv2d`` with the eval-mode ``BatchNorm2d`` after it folded into its weight and bias.
+
+    Calling it computes ``relu(conv(x) + bias [+ residual])`` (ReLU optional). With ``onednn`` (fp32 CPU) that is one
+    oneDNN kernel with the bias, residual sum and ReLU fused, on weights packed for the first input's shape (other
+    shapes run correctly on the same packing); otherwise ``F.conv2d`` on the folded weights. The source modules are
+    only read, at construction.
+
+    Args:
+        conv: The convolution (no bias, groups 1).
+        norm: The BatchNorm after it (``BatchNorm2d`` or :class:`FrozenBatchNorm2d`).
+        onednn: Use oneDNN's fused kernels; see :func:`onednn_fusion_available`.
+    """
+
+    def __init__(self, conv: nn.Conv2d, norm: nn.Module, onednn: bool = False) -> None:
+        if conv.bias is not None or conv.groups != 1:
+            raise ValueError("FoldedConv takes a convolution without bias and with groups=1 (as ResNet's)")
+        with torch.no_grad():  # in float64: the folded terms then differ from BatchNorm's arithmetic by rounding only
+            scale = norm.weight.double() * torch.rsqrt(norm.running_var.double() + norm.eps)
+            weight = conv.weight.double() * scale[:, None, None, None]
+            self.bias = (norm.bias.double() - norm.running_mean.double() * scale).to(conv.weight.dtype)
+        self.weight = weight.to(conv.weight.dtype).contiguous(memory_format=torch.channels_last)
+        self.stride, self.padding, self.dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
+        self.onednn, self.packed = onednn, False
+        self._pack_lock = threading.Lock()
+
+    def __call__(self, x: torch.Tensor, relu: bool, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.onednn:
+            if not self.packed:
+                with self._pack_lock:  # threads sharing the model must not pack the already-packed weight again
+                    if not self.packed:
+                        self.weight = torch.ops.mkldnn._reorder_convolution_weight(
+                            self.weight, self.padding, self.stride, self.dilation, 1, list(x.shape)
+                        )
+                        self.packed = True
+            args = (self.weight, self.bias, self.padding, self.stride, self.dilation, 1)
+            if residual is None:
+                return torch.ops.mkldnn._convolution_pointwise(x, *args, "relu" if relu else "none", [], "")
+            unary = "relu" if relu else None
+            return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, *args, "add", 1.0, unary, [], "")
+        y = nn.functional.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        if residual is not None:
+            y = y.add_(residual)
+        return torch.relu_(y) if relu else y
+
+
 def _no_plan() -> None:
     return None
 
@@ -349,10 +424,8 @@ class ResNetBackbone(BackboneMixin, PreTrainedModel):
 
     def __init__(self, config: ResNetConfig) -> None:
         super().__init__(config)
-        self.stage_names = config.stage_names
-        self.num_features = [config.embedding_size, *config.hidden_sizes]
         first = 8 if config.downsample_in_first_stage else 4
-        self.stage_strides = [4] + [first * 2**i for i in range(len(config.depths))]
+        strides = [4] + [first * 2**i for i in range(len(config.depths))]
         self.embedder = ResNetEmbeddings(config.num_channels, config.embedding_size, config.hidden_act)
         self.encoder = ResNetEncoder(config)
         for module in self.modules():
@@ -361,11 +434,17 @@ class ResNetBackbone(BackboneMixin, PreTrainedModel):
         if config.freeze_batch_norm_2d:
             freeze_batch_norm_2d(self)
         self.to(memory_format=torch.channels_last)
-        deepest = max(self.out_indices)
-        for stage in self.encoder.stages[deepest:]:
-            stage.requires_grad_(False)
         self._optimized = False
         self._plan: _InferencePlan | None = None
+        self.init_stages(config.stage_names, [config.embedding_size, *config.hidden_sizes], strides)
+
+    def stage_modules(self, index: int) -> list[nn.Module]:
+        return [self.embedder if index == 0 else self.encoder.stages[index - 1]]
+
+    @property
+    def min_input_size(self) -> int:
+        """1: padded convolutions and pools take any size, as in transformers (1x1 maps at worst)."""
+        return 1
 
     def optimize_for_inference(self, enabled: bool = True) -> ResNetBackbone:
         """Switch the eval-mode forward to BatchNorm folded into the convolutions, fused with ReLU and the residual
@@ -391,94 +470,32 @@ class ResNetBackbone(BackboneMixin, PreTrainedModel):
                 self._plan = _InferencePlan(self, signature)
         return self._plan
 
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> BackboneOutput | tuple:
-        """Feature maps of the selected stages (NCHW).
-
-        Args:
-            pixel_values: Images (batch, num_channels, height, width), any height and width.
-            output_hidden_states: Also return every stage's output (stem first), as transformers does.
-            output_attentions: ResNet has no attention; ``True`` raises ``ValueError``.
-            return_dict: ``False`` returns a tuple.
-        """
-        self.check_pixel_values(pixel_values, min_size=1)  # padded convs and pools take any size, as in transformers
-        if output_attentions:
-            raise ValueError("ResNet has no attention to return; call it with output_attentions=False")
-        cfg = self.config
-        if output_hidden_states is None:
-            output_hidden_states = bool(getattr(cfg, "output_hidden_states", False))
-        num_stages = len(self.encoder.stages) if output_hidden_states else max(self.out_indices)
-
+    def forward_stages(
+        self, pixel_values: torch.Tensor, indices: tuple[int, ...], output_attentions: bool
+    ) -> tuple[dict[int, torch.Tensor], None]:
+        num_stages = max(indices)
         if self._optimized and not self.training and not torch.is_grad_enabled():
             states = self._inference_plan()(pixel_values.contiguous(memory_format=torch.channels_last), num_stages)
-        else:
-            weight = self.embedder.embedder.convolution.weight
-            if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
-                pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-            x = self.embedder(pixel_values)
-            states = [x]
-            for stage in self.encoder.stages[:num_stages]:
-                x = stage(x)
-                states.append(x)
-            for i in range(len(states)) if output_hidden_states else self.out_indices:  # only returned maps
-                states[i] = states[i].contiguous()
-
-        output = BackboneOutput(
-            feature_maps=tuple(states[i] for i in self.out_indices),
-            hidden_states=tuple(states) if output_hidden_states else None,
-        )
-        if return_dict is False or (return_dict is None and getattr(cfg, "return_dict", True) is False):
-            return output.to_tuple()
-        return output
+            return {i: states[i] for i in indices}, None
+        weight = self.embedder.embedder.convolution.weight
+        if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+        x = self.embedder(pixel_values)
+        states = [x]
+        for stage in self.encoder.stages[:num_stages]:
+            x = stage(x)
+            states.append(x)
+        return {i: states[i].contiguous() for i in indices}, None  # returned maps in plain NCHW
 
     # checkpoints -------------------------------------------------------------------------------------------------
     @classmethod
     def convert_state_dict(cls, state_dict: dict[str, torch.Tensor], config: PretrainedConfig) -> dict:
         """transformers' layouts pass through (the ``resnet.`` prefix is matched later); timm's and torchvision's
         are renamed by :func:`resnet_timm_to_transformers`."""
-        state_dict = _unwrap(state_dict)
-        if any(_TIMM_KEY.match(k) for k in state_dict):
+        state_dict = unwrap_state_dict(state_dict)
+        if resnet_convert.is_timm_layout(state_dict):
             return resnet_timm_to_transformers(state_dict)
         return state_dict
-
-    @classmethod
-    def from_pretrained(
-        cls, src: str | os.PathLike, *, config: ResNetConfig | None = None, strict: bool = False, **kwargs: Any
-    ) -> ResNetBackbone:
-        """Build the backbone and load its weights; returned in eval mode.
-
-        Args:
-            src: A folder or hub id holding transformers' ``ResNetModel`` / ``ResNetForImageClassification`` /
-                ``ResNetBackbone`` files or a timm ResNet repo (``config.json`` with ``architecture``); a timm name
-                with or without tag (``resnet50.a1_in1k``, ``hf-hub:timm/resnet50.a1_in1k``), resolved to its hub
-                repo (the local cache when offline); or a weights file (timm, torchvision or transformers keys)
-                together with ``config``.
-            config: Use this config instead of the source's.
-            strict: Raise ``ValueError`` on missing or unexpected keys.
-            **kwargs: Hub arguments (``revision``, ``cache_dir``, ``token``, ``local_files_only``) and config
-                overrides (``out_indices``, ``freeze_batch_norm_2d``...).
-
-        Raises:
-            ValueError: a weights file without ``config``; a timm name that is not a plain ResNet.
-            OSError: the source or its weights are not found.
-        """
-        src = os.fspath(src)
-        if os.path.isfile(src):
-            if config is None:
-                raise ValueError(
-                    f"loading the weights file {src} needs config=, e.g. ResNetConfig.from_timm('resnet50') for a "
-                    f"timm or torchvision checkpoint"
-                )
-            config = type(config).from_dict(config.to_dict(), **kwargs) if kwargs else config
-            model = cls(config)
-            model.load_checkpoint(load_weights(src), strict=strict, source=src)
-            return model.eval()
-        return super().from_pretrained(_timm_repo(src), config=config, strict=strict, **kwargs)
 
 
 def _tensor_version(t: torch.Tensor) -> tuple[int, int]:
@@ -488,93 +505,29 @@ def _tensor_version(t: torch.Tensor) -> tuple[int, int]:
         return t.data_ptr(), -1
 
 
-def _timm_repo(src: str) -> str:
-    """The hub repo of a timm name (``resnet50.a1_in1k`` -> ``timm/resnet50.a1_in1k``); other sources unchanged."""
-    if src.startswith("hf-hub:"):
-        return src[len("hf-hub:") :]
-    if "/" in src or os.path.exists(src):
-        return src
-    import timm
-
-    if src.split(".")[0] not in TIMM_RESNET_VARIANTS:
-        if timm.is_model(src.split(".")[0]):
-            ResNetConfig.timm_fields(src)  # raises: a timm model, but not a plain ResNet
-        return src
-    try:
-        pretrained_cfg = timm.models.get_pretrained_cfg(src)
-    except RuntimeError as err:  # an unknown tag
-        raise ValueError(f"timm has no pretrained weights named {src!r}: {err}") from err
-    if pretrained_cfg is None or not pretrained_cfg.hf_hub_id:
-        raise OSError(f"timm's weights for {src!r} are not on the hub; pass a weights file with config=")
-    return pretrained_cfg.hf_hub_id
-
-
-# checkpoint layouts ----------------------------------------------------------------------------------------------
-# timm / torchvision keys: conv1, bn1, layer{1..4}.{block}.(conv|bn){k} / .downsample.{0,1}, fc
-_TIMM_KEY = re.compile(r"^(conv1|bn1)\.|^layer\d+\.\d+\.")
-_TIMM_BLOCK = re.compile(r"^layer(\d+)\.(\d+)\.(?:(conv|bn)(\d)|downsample\.([01]))\.(\w+)$")
-_HF_BLOCK = re.compile(
-    r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.(?:layer\.(\d)|shortcut)\.(convolution|normalization)\.(\w+)$"
+# classifier key in timm's and transformers' layouts, transformers' task prefix, task class and base class
+_HEADS = ("fc.weight", "classifier.1.weight", "resnet.", "ResNetForImageClassification", "ResNetModel")
+register_family(
+    ModelFamily(
+        name="resnet",
+        config_class=ResNetConfig,
+        backbone_class=ResNetBackbone,
+        timm_to_transformers=resnet_timm_to_transformers,
+        transformers_to_timm=resnet_transformers_to_timm,
+        detect_layout=resnet_convert.detect_layout,
+        timm_architecture=resnet_convert.timm_architecture,
+        fields_from_timm=resnet_convert.fields_from_timm,
+        transformers_heads=(
+            "fc.weight",
+            "classifier.1.weight",
+            "resnet.",
+            "ResNetForImageClassification",
+            "ResNetModel",
+        ),
+        transformers_backbone="ResNetBackbone",
+        timm_stage=lambda native_index: native_index,
+        timm_as_native=resnet_convert.timm_as_native,
+        comparison_note=resnet_convert.COMPARISON_NOTE,
+    ),
+    exist_ok=True,
 )
-_STEM = {"conv1.": "embedder.embedder.convolution.", "bn1.": "embedder.embedder.normalization.",
-         "fc.": "classifier.1."}  # fmt: skip
-
-
-def _unwrap(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state_dict.get(wrapper), dict):
-            state_dict = state_dict[wrapper]
-    if state_dict and all(k.startswith("module.") for k in state_dict):  # saved from DistributedDataParallel
-        state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
-    return state_dict
-
-
-def resnet_timm_to_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A timm or torchvision ResNet state dict in transformers' ``ResNetModel`` / ``ResNetBackbone`` layout.
-
-    ``fc`` becomes ``classifier.1``; prefix every other key with ``resnet.`` for ``ResNetForImageClassification``.
-    Keys that are not part of a plain ResNet are kept as they are (they show up as unexpected when loaded).
-    """
-    out = {}
-    for key, value in _unwrap(state_dict).items():
-        block = _TIMM_BLOCK.match(key)
-        if block:
-            stage, index, kind, k, downsample, param = block.groups()
-            prefix = f"encoder.stages.{int(stage) - 1}.layers.{index}."
-            if kind is not None:
-                name = f"layer.{int(k) - 1}.{'convolution' if kind == 'conv' else 'normalization'}"
-            else:
-                name = f"shortcut.{'convolution' if downsample == '0' else 'normalization'}"
-            key = f"{prefix}{name}.{param}"
-        else:
-            for old, new in _STEM.items():
-                if key.startswith(old):
-                    key = new + key[len(old) :]
-                    break
-        out[key] = value
-    return out
-
-
-def resnet_transformers_to_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A transformers ResNet state dict (``ResNetModel``, ``ResNetBackbone``, or ``ResNetForImageClassification``
-    with its ``resnet.`` prefix) in timm's and torchvision's ``ResNet`` layout; ``classifier.1`` becomes ``fc``."""
-    state_dict = _unwrap(state_dict)
-    out = {}
-    for key, value in state_dict.items():
-        key = key.removeprefix("resnet.")
-        block = _HF_BLOCK.match(key)
-        if block:
-            stage, index, k, kind, param = block.groups()
-            prefix = f"layer{int(stage) + 1}.{index}."
-            if k is not None:
-                name = f"{'conv' if kind == 'convolution' else 'bn'}{int(k) + 1}"
-            else:
-                name = f"downsample.{0 if kind == 'convolution' else 1}"
-            key = f"{prefix}{name}.{param}"
-        else:
-            for new, old in _STEM.items():
-                if key.startswith(old):
-                    key = new + key[len(old) :]
-                    break
-        out[key] = value
-    return out

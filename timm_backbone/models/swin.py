@@ -15,13 +15,16 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..backbone import BackboneMixin, BackboneOutput
+from ..auto import ModelFamily, register_family
+from ..backbone import BackboneMixin
 from ..configuration import NativeBackboneConfigMixin, PretrainedConfig
-from ..layers import DropPath, Mlp, is_tracing, linear, window_partition
+from ..layers import Mlp, is_tracing, linear, window_partition
 from ..modeling import LoadReport, PreTrainedModel
+from . import swin_convert
 from .swin_convert import (
     native_keys_from_any,
     native_to_transformers,
@@ -484,7 +487,6 @@ class SwinBackbone(BackboneMixin, PreTrainedModel):
         for i, heads in enumerate(c.num_heads):
             if (c.embed_dim * 2**i) % heads:
                 raise ValueError(f"stage {i + 1} has {c.embed_dim * 2**i} channels, not divisible by {heads} heads")
-        self.stage_names = c.stage_names
         self.num_features = [c.embed_dim] + [c.embed_dim * 2**i for i in range(num_stages)]
         self.stage_strides = [c.patch_size] + [c.patch_size * 2**i for i in range(num_stages)]
         image_size = c.image_size if isinstance(c.image_size, (list, tuple)) else (c.image_size, c.image_size)
@@ -508,11 +510,13 @@ class SwinBackbone(BackboneMixin, PreTrainedModel):
             )
             for i in range(num_stages)
         )
+        # a norm for every stage, so that any stage can be selected later; files hold the selected ones only, as
+        # transformers' (which builds just those)
         self.hidden_states_norms = nn.ModuleDict(
-            {name: nn.LayerNorm(self.num_features[i]) for name, i in zip(self.out_features, self.out_indices)}
+            {name: nn.LayerNorm(width) for name, width in zip(c.stage_names, self.num_features)}
         )
         self.apply(self._init_weights)
-        self._freeze_unused_stages()
+        self.init_stages(c.stage_names, self.num_features, self.stage_strides)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -525,13 +529,19 @@ class SwinBackbone(BackboneMixin, PreTrainedModel):
         elif isinstance(module, SwinWindowAttention):
             nn.init.zeros_(module.relative_position_bias_table)
 
-    def _freeze_unused_stages(self) -> None:
-        deepest = max(self.out_indices)
-        for i, stage in enumerate(self.layers):
-            if i >= deepest:
-                stage.requires_grad_(False)
-            elif i == deepest - 1 and stage.downsample is not None:
-                stage.downsample.requires_grad_(False)
+    def stage_modules(self, index: int) -> list[nn.Module]:
+        if index == 0:
+            return [self.patch_embed]
+        merging = self.layers[index - 2].downsample if index >= 2 else None  # transformers merges at a stage's end
+        return [self.layers[index - 1].blocks, *([merging] if merging is not None else [])]
+
+    def output_modules(self, index: int) -> list[nn.Module]:
+        return [self.hidden_states_norms[self.stage_names[index]]]
+
+    def missing_ok(self) -> tuple[str, ...]:
+        """Norms of stages not selected are not in transformers' files (it builds the selected ones only)."""
+        unselected = [name for name in self.stage_names if name not in self.out_features]
+        return (*self.ignore_missing, *(rf"^hidden_states_norms\.{name}\." for name in unselected))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in the backward pass instead of storing them (training memory)."""
@@ -553,37 +563,12 @@ class SwinBackbone(BackboneMixin, PreTrainedModel):
             elif isinstance(module, Mlp):
                 module.fast = enable
 
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> BackboneOutput | tuple:
-        """Feature maps of the selected stages (NCHW, stage-normalised).
-
-        Args:
-            pixel_values: Images (batch, channels, height, width), any height and width.
-            output_hidden_states: Also return every stage's output (NCHW, before the stage norm).
-            output_attentions: Also return each stage's last-block attention weights, (batch * windows, heads,
-                window tokens, window tokens) as transformers does.
-            return_dict: ``False`` returns a tuple.
-        """
-        self.check_pixel_values(pixel_values)
-        cfg = self.config
-        output_hidden_states = bool(getattr(cfg, "output_hidden_states", False) if output_hidden_states is None
-                                    else output_hidden_states)  # fmt: skip
-        output_attentions = bool(getattr(cfg, "output_attentions", False) if output_attentions is None
-                                 else output_attentions)  # fmt: skip
-        unbuilt = [name for name in self.out_features if name not in self.hidden_states_norms]
-        if unbuilt:
-            raise ValueError(
-                f"stages {unbuilt} were selected after the backbone was built, so it has no norms for them (it has "
-                f"{list(self.hidden_states_norms)}); build it with that selection, e.g. "
-                f"SwinBackbone.from_pretrained(src, out_features={self.out_features})"
-            )
-        num_run = len(self.layers) if output_hidden_states or output_attentions else max(self.out_indices)
-
+    def forward_stages(
+        self, pixel_values: torch.Tensor, indices: tuple[int, ...], output_attentions: bool
+    ) -> tuple[dict[int, torch.Tensor], list[torch.Tensor | None]]:
+        """Stage outputs before the stage norm (NCHW views of the B, H, W, C maps), and each stage's last-block
+        attention weights, (batch * windows, heads, window tokens, window tokens) as transformers returns them."""
+        num_run = max(indices)
         x = self.patch_embed(pixel_values)  # B, H, W, C
         states, attentions = [x], []
         for i in range(num_run):
@@ -593,19 +578,12 @@ class SwinBackbone(BackboneMixin, PreTrainedModel):
             attentions.append(weights)
             if i + 1 < num_run:
                 x = stage.downsample(out)
+        return {i: states[i].permute(0, 3, 1, 2) for i in indices}, attentions
 
-        feature_maps = tuple(
-            self.hidden_states_norms[name](states[i]).permute(0, 3, 1, 2).contiguous()
-            for name, i in zip(self.out_features, self.out_indices)
-        )
-        output = BackboneOutput(
-            feature_maps=feature_maps,
-            hidden_states=tuple(s.permute(0, 3, 1, 2).contiguous() for s in states) if output_hidden_states else None,
-            attentions=tuple(attentions) if output_attentions else None,
-        )
-        if return_dict is False or (return_dict is None and getattr(cfg, "return_dict", True) is False):
-            return output.to_tuple()
-        return output
+    def feature_map(self, index: int, state: torch.Tensor) -> torch.Tensor:
+        """The stage output normalised by its stage norm, NCHW."""
+        norm = self.hidden_states_norms[self.stage_names[index]]
+        return norm(state.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
 
     # checkpoints -------------------------------------------------------------------------------------------------
     @classmethod
@@ -614,8 +592,10 @@ class SwinBackbone(BackboneMixin, PreTrainedModel):
         return native_keys_from_any(state_dict)
 
     def state_dict_for_save(self) -> dict[str, torch.Tensor]:
-        """transformers' ``SwinBackbone`` layout: separate query/key/value, ``embeddings.`` / ``encoder.`` keys."""
-        return native_to_transformers(self.state_dict())
+        """transformers' ``SwinBackbone`` layout: separate query/key/value, ``embeddings.`` / ``encoder.`` keys, the
+        norms of the selected stages."""
+        unselected = tuple(f"hidden_states_norms.{n}." for n in self.stage_names if n not in self.out_features)
+        return native_to_transformers({k: v for k, v in self.state_dict().items() if not k.startswith(unselected)})
 
     def load_checkpoint(
         self, state_dict: dict[str, torch.Tensor], strict: bool = False, source: str = ""
@@ -625,3 +605,25 @@ class SwinBackbone(BackboneMixin, PreTrainedModel):
             if isinstance(module, SwinWindowAttention):
                 module._mask_cache.clear()
         return report
+
+
+register_family(
+    ModelFamily(
+        name="swin",
+        config_class=SwinConfig,
+        backbone_class=SwinBackbone,
+        timm_to_transformers=swin_timm_to_transformers,
+        transformers_to_timm=swin_transformers_to_timm,
+        detect_layout=swin_convert.detect_layout,
+        timm_architecture=swin_convert.timm_architecture,
+        complete_timm_state_dict=swin_convert.complete_timm_state_dict,
+        transformers_heads=("head.fc.weight", "classifier.weight", "swin.", "SwinForImageClassification", "SwinModel"),
+        transformers_backbone="SwinBackbone",
+        timm_stage=swin_convert.timm_stage,
+        timm_as_native=swin_convert.timm_as_native,
+        comparison_note=swin_convert.COMPARISON_NOTE,
+        benchmark_timm_args=lambda input_size: {"img_size": input_size},
+        task_layouts={"maskformer": swin_convert.to_maskformer_layout},
+    ),
+    exist_ok=True,
+)

@@ -13,6 +13,9 @@ import re
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+
+from ..hub import unwrap_state_dict
 
 # key mappings ----------------------------------------------------------------------------------------------
 # block parameters: this module's suffix -> transformers' (q/k/v handled apart)
@@ -139,7 +142,7 @@ def swin_timm_to_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, 
     ``norm`` becomes ``layernorm`` and ``head.fc`` becomes ``classifier`` (prefix those two and the rest with
     ``swin.`` for ``SwinForImageClassification``); timm's non-persistent buffers are dropped.
     """
-    state_dict = {k: v for k, v in _unwrap(state_dict).items() if not _SKIP.search(k)}
+    state_dict = {k: v for k, v in unwrap_state_dict(state_dict).items() if not _SKIP.search(k)}
     return native_to_transformers(_timm_to_internal(state_dict))
 
 
@@ -152,16 +155,9 @@ def swin_transformers_to_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, 
     return _internal_to_timm({k: v for k, v in internal.items() if not k.startswith("hidden_states_norms.")})
 
 
-def _unwrap(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
-    for wrapper in ("model", "state_dict"):
-        if isinstance(state_dict.get(wrapper), dict):
-            state_dict = state_dict[wrapper]
-    return state_dict
-
-
 def native_keys_from_any(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Detect the layout (transformers with/without ``swin.``, maskformer-swin, timm/original Swin) and convert."""
-    state_dict = {k: v for k, v in _unwrap(state_dict).items() if not _SKIP.search(k)}
+    state_dict = {k: v for k, v in unwrap_state_dict(state_dict).items() if not _SKIP.search(k)}
     prefixes = (("model.pixel_level_module.encoder.", ""), ("swin.", "embeddings."), ("model.", "embeddings."))
     for prefix, marker in prefixes:
         if any(k.startswith(prefix + marker) for k in state_dict):
@@ -174,3 +170,101 @@ def native_keys_from_any(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
     if any(k.startswith("patch_embed.") for k in state_dict):
         return _timm_to_internal(state_dict)
     return _transformers_to_internal(state_dict)
+
+
+# what conversion, the benchmark and MaskFormer need to know about Swin ------------------------------------------
+def detect_layout(state_dict: dict[str, Any]) -> str | None:
+    """``"timm"``, ``"transformers"`` (any of its Swin layouts) or ``None`` when the keys are not a Swin's."""
+    if "patch_embed.proj.weight" in state_dict and any(k.startswith("layers.0.blocks.") for k in state_dict):
+        return "timm"
+    if any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in state_dict):
+        return "transformers"
+    return None
+
+
+def timm_architecture(config: Any) -> tuple[str, dict[str, Any]]:
+    """The timm architecture and ``model_args`` building the Swin that ``config`` describes: a standard variant by
+    name, other sizes as ``swin_tiny_patch4_window7_224`` with arguments.
+
+    Raises:
+        ValueError: absolute position embeddings, which timm's SwinTransformer does not have.
+    """
+    from .swin import TIMM_SWIN_VARIANTS
+
+    if getattr(config, "use_absolute_embeddings", False):
+        raise ValueError("timm's SwinTransformer has no absolute position embeddings; cannot convert this model")
+    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+    ours = (config.embed_dim, tuple(config.depths), tuple(config.num_heads), config.window_size, size)
+    name = next((n for n, v in TIMM_SWIN_VARIANTS.items() if v == ours and config.patch_size == 4), None)
+    args: dict[str, Any] = {}
+    if name is None:
+        name = "swin_tiny_patch4_window7_224"
+        args = dict(embed_dim=config.embed_dim, depths=tuple(config.depths), num_heads=tuple(config.num_heads),
+                    window_size=config.window_size, img_size=size, patch_size=config.patch_size)  # fmt: skip
+    if config.mlp_ratio != 4.0:
+        args["mlp_ratio"] = config.mlp_ratio
+    if not config.qkv_bias:
+        args["qkv_bias"] = False
+    if config.num_channels != 3:
+        args["in_chans"] = config.num_channels
+    return name, args
+
+
+def complete_timm_state_dict(state_dict: dict[str, torch.Tensor], config: Any | None, notes: list[str]) -> dict:
+    """timm's Swin needs its final norm; a backbone checkpoint has none, so an identity norm is written."""
+    if "norm.weight" in state_dict:
+        return state_dict
+    if config is not None:
+        width = int(config.embed_dim * 2 ** (len(config.depths) - 1))
+    else:  # a bare weights file: the last block's width
+        width = int([v for k, v in state_dict.items() if k.endswith("mlp.fc2.bias")][-1].shape[0])
+    notes.append("the source has no final norm (a backbone checkpoint): timm's norm is written as identity (1, 0)")
+    return {**state_dict, "norm.weight": torch.ones(width), "norm.bias": torch.zeros(width)}
+
+
+COMPARISON_NOTE = (
+    "native stage k = timm layers.(k-1), compared after applying the native stage norm (hidden_states_norms) "
+    "to timm's output, which timm leaves unnormalised; timm has no stem output. The native backbone is built "
+    "with timm's window semantics (SwinConfig.from_timm): where a stage's map fits in one window (stage4 at 224) "
+    "transformers still shifts and pads its windows, so native-vs-transformers differs there by design "
+    "(SwinConfig(window_semantics='transformers') matches transformers exactly)"
+)
+
+
+def timm_stage(native_index: int) -> int | None:
+    """timm's feature index of native stage ``native_index`` (timm's Swin has no stem tap)."""
+    return native_index - 1 if native_index > 0 else None
+
+
+def timm_as_native(stage_name: str, feature: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """timm's stage output passed through the native stage norm, as the native backbone returns it."""
+    weight = weights.get(f"hidden_states_norms.{stage_name}.weight")
+    bias = weights.get(f"hidden_states_norms.{stage_name}.bias")
+    x = feature.permute(0, 2, 3, 1).float()
+    w = weight.float().to(x.device) if weight is not None else None
+    b = bias.float().to(x.device) if bias is not None else None
+    return F.layer_norm(x, x.shape[-1:], w, b, eps=1e-5).permute(0, 3, 1, 2)
+
+
+def to_maskformer_layout(state_dict: dict[str, torch.Tensor], backbone: Any) -> dict[str, torch.Tensor]:
+    """transformers' ``SwinBackbone`` keys -> ``MaskFormerSwinBackbone`` keys (what transformers' MaskFormer reads):
+    ``model.`` before the Swin itself, per-stage norms numbered from 0 for stage1. The buffers and the final
+    ``layernorm`` that file holds but no backbone output depends on are written too (the relative position indices,
+    the norm at its initial value), so that transformers finds a complete file."""
+    from .swin import _relative_position_index
+
+    window = backbone.config.window_size
+    out = {}
+    for key, value in state_dict.items():
+        norm = re.match(r"^hidden_states_norms\.stage(\d+)\.(.+)$", key)
+        if norm:
+            out[f"hidden_states_norms.{int(norm[1]) - 1}.{norm[2]}"] = value
+            continue
+        out["model." + key] = value
+        if key.endswith(".relative_position_bias_table"):
+            index_key = "model." + key.replace("relative_position_bias_table", "relative_position_index")
+            out[index_key] = _relative_position_index((window, window), window).clone()
+    channels, dtype = backbone.num_features[-1], next(iter(state_dict.values())).dtype
+    out.setdefault("model.layernorm.weight", torch.ones(channels, dtype=dtype))
+    out.setdefault("model.layernorm.bias", torch.zeros(channels, dtype=dtype))
+    return out

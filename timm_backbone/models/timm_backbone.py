@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import difflib
-import os
 from typing import Any
 
 import torch
 from timm.models._features import FeatureGetterNet
 from torch import nn
 
-from ..backbone import BackboneMixin, BackboneOutput
-from ..configuration import BackboneConfigMixin, PretrainedConfig, pop_hub_kwargs
-from ..hub import CONFIG_NAME, is_offline, load_weights, looks_like_repo_id, read_json, resolve_file, resolve_weights
+from ..auto import ModelFamily, register_family
+from ..backbone import BackboneMixin
+from ..configuration import BackboneConfigMixin, PretrainedConfig
+from ..hub import Source, check_timm_name, resolve_source
 from ..modeling import PreTrainedModel
 
 # keys of config.json that describe the config itself, never arguments for timm.create_model
@@ -97,7 +96,32 @@ class TimmBackboneConfig(BackboneConfigMixin, PretrainedConfig):
         self._init_stage_selection(out_features, out_indices)
 
     @classmethod
+    def from_timm_dict(cls, timm_config: dict[str, Any], name: str = "", **overrides: Any) -> TimmBackboneConfig:
+        """The config of a timm model: ``{"architecture": name}`` for a timm name, or a timm hub repo's
+        ``config.json`` (``architecture`` + ``model_args``)."""
+        if "architecture" not in timm_config:
+            raise ValueError(f"not a timm config (no 'architecture'): keys {sorted(timm_config)}")
+        check_timm_name(timm_config["architecture"])
+        overrides = dict(overrides)
+        model_args = {**timm_config.get("model_args", {}), **overrides.pop("model_args", {})}
+        backbone = overrides.pop("backbone", timm_config["architecture"])
+        config = cls(backbone=backbone, model_args=model_args, **overrides)
+        config.name_or_path = name
+        return config
+
+    @classmethod
+    def from_source(cls, source: Source, **overrides: Any) -> TimmBackboneConfig:
+        """As the base, and a weights file with ``backbone=`` naming its timm architecture."""
+        if source.kind == "file" and not source.name.endswith(".json"):
+            if not overrides.get("backbone"):
+                raise ValueError(f"loading the weights file {source.name} needs backbone='<timm name>' (or a config)")
+            return cls(**overrides)
+        return super().from_source(source, **overrides)
+
+    @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **overrides: Any) -> TimmBackboneConfig:
+        if "architecture" in config_dict and "model_type" not in config_dict:  # a timm hub repo's config.json
+            return cls.from_timm_dict(config_dict, **overrides)
         # unknown keys read from a file stay plain attributes; only explicit overrides reach timm
         config_dict = dict(config_dict)
         if overrides.get("out_indices") is not None or overrides.get("out_features") is not None:
@@ -124,31 +148,6 @@ _INIT_KEYS = {
 }
 
 
-def _split_name(backbone: str) -> tuple[str, str | None]:
-    """``resnet50.a1_in1k`` -> (``resnet50``, ``a1_in1k``)."""
-    arch, _, tag = backbone.partition(".")
-    return arch, tag or None
-
-
-def check_timm_name(backbone: str) -> None:
-    """Raise ``ValueError`` with close matches when ``backbone`` is not a timm architecture."""
-    import timm
-
-    arch, _ = _split_name(backbone)
-    if timm.is_model(arch):
-        return
-    close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
-    hint = f"; close matches: {', '.join(close)}" if close else "; see timm.list_models() for the names"
-    raise ValueError(f"unknown timm model {backbone!r}{hint}")
-
-
-def _hub_repo_config(repo: str, **hub_kwargs: Any) -> dict[str, Any]:
-    path = resolve_file(repo, CONFIG_NAME, **hub_kwargs)
-    if path is None:
-        raise OSError(f"timm hub repo {repo!r} has no {CONFIG_NAME}")
-    return read_json(path)
-
-
 def _create_args(config: TimmBackboneConfig) -> tuple[str, dict[str, Any]]:
     """The architecture and keyword arguments for ``timm.create_model`` described by ``config``."""
     if not config.backbone:
@@ -156,7 +155,7 @@ def _create_args(config: TimmBackboneConfig) -> tuple[str, dict[str, Any]]:
     kwargs = dict(config.model_args)
     if config.backbone.startswith("hf-hub:"):
         # the architecture is named by the repo's config.json, read from the cache when offline
-        repo_config = _hub_repo_config(config.backbone[len("hf-hub:") :])
+        repo_config = resolve_source(config.backbone).config_dict()
         arch = repo_config.get("architecture")
         if not arch:
             raise OSError(f"{config.backbone}: config.json names no 'architecture'; it is not a timm repo")
@@ -237,14 +236,12 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
             )
         config.stage_names = stage_names
         config.set_output_features_output_indices(config.out_features, config.out_indices)
-        self.stage_names = stage_names
-        self.num_features = [d["num_chs"] for d in info]
-        self.stage_strides = [d["reduction"] for d in info]
-        self._held = tuple(range(max(config.out_indices) + 1))
+        # timm builds stages up to the deepest selected one only (its feature nets prune the rest): those are held
+        held = max(config.out_indices) + 1
         if timm_state_dict is not None:
             overlay = {"state_dict": timm_state_dict, "source": "", "hf_hub_id": None, "url": None, "file": None}
             create_kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
-        self._backbone = _feature_net(arch, create_kwargs, config.features_only, self._held)
+        self._backbone = _feature_net(arch, create_kwargs, config.features_only, tuple(range(held)))
         if config.freeze_batch_norm_2d:
             from timm.layers import freeze_batch_norm_2d
 
@@ -255,26 +252,11 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
         if not config.features_only:
             self._getter = self._backbone
         self._size_rule = _input_size_rule(self._backbone)
+        self.init_stages(stage_names, [d["num_chs"] for d in info], [d["reduction"] for d in info], held)
 
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> BackboneOutput | tuple:
-        """Run the backbone.
-
-        Args:
-            pixel_values: Float images, ``(batch, num_channels, height, width)``.
-            output_hidden_states: Also return every held stage (all stages up to the deepest selected one).
-            output_attentions: Not available for timm models; ``True`` raises ``ValueError``.
-            return_dict: ``False`` returns a tuple instead of :class:`BackboneOutput`.
-        """
-        if output_attentions:
-            raise ValueError("timm backbones cannot return attentions; use a native backbone (SwinBackbone)")
-        self.check_pixel_values(pixel_values)
-        wanted = self._held if output_hidden_states else tuple(self.out_indices)
+    def forward_stages(
+        self, pixel_values: torch.Tensor, indices: tuple[int, ...], output_attentions: bool
+    ) -> tuple[dict[int, torch.Tensor], None]:
         empty = pixel_values.shape[0] == 0
         if empty:  # timm's ViTs cannot reshape an empty batch: run one blank image and keep none of it
             pixel_values = pixel_values.new_zeros(1, *pixel_values.shape[1:])
@@ -282,17 +264,17 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
             if self._getter is not None:
                 features = self._getter.forward_intermediates(
                     pixel_values,
-                    indices=list(wanted),
+                    indices=list(indices),
                     norm=getattr(self._backbone, "norm", False),
                     output_fmt="NCHW",
                     intermediates_only=True,
                 )
-                by_stage = dict(zip(wanted, features))
+                by_stage = dict(zip(indices, features))
             else:
                 features = self._backbone(pixel_values)
                 if isinstance(features, dict):
                     features = list(features.values())
-                by_stage = dict(zip(self._held, features))
+                by_stage = dict(enumerate(features))
         except AssertionError as err:  # timm checks input sizes with asserts
             raise ValueError(
                 f"timm model {self.config.backbone!r} rejected pixel_values of shape {tuple(pixel_values.shape)}: {err}"
@@ -301,10 +283,7 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
             by_stage = {i: f.permute(0, 3, 1, 2) for i, f in by_stage.items()}
         if empty:
             by_stage = {i: f[:0] for i, f in by_stage.items()}
-        feature_maps = tuple(by_stage[i] for i in self.out_indices)
-        hidden_states = tuple(by_stage[i] for i in self._held) if output_hidden_states else None
-        output = BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states)
-        return output if return_dict is not False else output.to_tuple()
+        return by_stage, None
 
     def check_pixel_values(self, pixel_values: Any, min_size: int | None = None) -> None:
         """The base checks, plus the fixed or patch-multiple image size that timm's patch embedding requires."""
@@ -328,116 +307,14 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
 
     # loading ------------------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(
-        cls, src: str | os.PathLike, *, config: TimmBackboneConfig | None = None, strict: bool = False, **kwargs: Any
+    def from_state_dict(
+        cls, config: PretrainedConfig, state_dict: dict[str, torch.Tensor], strict: bool = False, source: str = ""
     ) -> TimmBackbone:
-        """Load a backbone with weights.
-
-        Args:
-            src: A folder saved by this package (or transformers' ``TimmBackbone``); a timm hub repo (a folder or hub
-                id whose ``config.json`` names an ``architecture``); a timm name with or without tag
-                (``resnet50.a1_in1k``) or ``hf-hub:org/name``, whose weights come from the hub or its cache; or a
-                weights file (``.safetensors``, ``.bin``, ``.pth``) with ``backbone=`` naming the architecture.
-            config: Use this config instead of the one the source implies.
-            strict: Raise on missing or unexpected keys.
-            **kwargs: Hub arguments (``revision``, ``cache_dir``, ``token``, ``local_files_only``) and config
-                fields (``out_indices``, ``out_features``, ``features_only``...).
-
-        Raises:
-            OSError: the source is not found, or its weights are neither local nor reachable.
-            ValueError: an unknown timm name (with close matches).
-        """
-        src = os.fspath(src)
-        hub_kwargs = pop_hub_kwargs(kwargs)
-        if os.path.isfile(src):
-            return cls._from_weights_file(src, config, strict, kwargs)
-        if src.startswith("hf-hub:"):
-            return cls._from_timm_repo(src[len("hf-hub:") :], config, kwargs, hub_kwargs)
-        if os.path.isdir(src) or ("/" in src and looks_like_repo_id(src)):
-            file_config = _hub_repo_config(src, **hub_kwargs)
-            if "architecture" in file_config and file_config.get("model_type") != "timm_backbone":
-                return cls._from_timm_repo(src, config, kwargs, hub_kwargs, file_config)
-            return super().from_pretrained(src, config=config, strict=strict, **hub_kwargs, **kwargs)
-        if "/" in src or os.sep in src or src.startswith((".", "~")):
-            raise OSError(f"{src!r} is not an existing folder or file, nor a hub repo id ('org/name') or timm name")
-        check_timm_name(src)
-        return cls._from_timm_name(src, config, kwargs, hub_kwargs)
-
-    @classmethod
-    def _with_state_dict(cls, config: TimmBackboneConfig, state_dict: dict[str, torch.Tensor]) -> TimmBackbone:
+        """Our own files (keys under ``_backbone.``) load key for key; timm-format checkpoints go through timm's own
+        filters (classifier dropped, ``in_chans`` and position embeddings adapted)."""
+        if any(k.startswith("_backbone.") for k in state_dict):
+            return super().from_state_dict(config, state_dict, strict=strict, source=source)
         return cls(config, timm_state_dict=state_dict).eval()
 
-    @classmethod
-    def _from_weights_file(
-        cls, path: str, config: TimmBackboneConfig | None, strict: bool, kwargs: dict[str, Any]
-    ) -> TimmBackbone:
-        config = config or TimmBackboneConfig(**kwargs)
-        if not config.backbone:
-            raise ValueError(f"loading the weights file {path} needs backbone='<timm name>' (or a config)")
-        state_dict = load_weights(path)
-        if any(k.startswith("_backbone.") for k in state_dict):
-            model = cls(config)
-            model.load_checkpoint(state_dict, strict=strict, source=path)
-            return model.eval()
-        return cls._with_state_dict(config, state_dict)
 
-    @classmethod
-    def _from_timm_repo(
-        cls,
-        repo: str,
-        config: TimmBackboneConfig | None,
-        kwargs: dict[str, Any],
-        hub_kwargs: dict[str, Any],
-        repo_config: dict[str, Any] | None = None,
-    ) -> TimmBackbone:
-        repo_config = repo_config or _hub_repo_config(repo, **hub_kwargs)
-        arch = repo_config.get("architecture")
-        if not arch:
-            raise OSError(f"{repo}: config.json names no 'architecture'; it is not a timm model repo")
-        check_timm_name(arch)
-        if config is None:
-            model_args = {**repo_config.get("model_args", {}), **kwargs.pop("model_args", {})}
-            config = TimmBackboneConfig(backbone=arch, model_args=model_args, **kwargs)
-        weights = resolve_weights(repo, **hub_kwargs)
-        if weights is None:
-            raise OSError(f"timm repo {repo!r} has no weights (model.safetensors or pytorch_model.bin)")
-        return cls._with_state_dict(config, load_weights(weights, src=repo, **hub_kwargs))
-
-    @classmethod
-    def _from_timm_name(
-        cls, name: str, config: TimmBackboneConfig | None, kwargs: dict[str, Any], hub_kwargs: dict[str, Any]
-    ) -> TimmBackbone:
-        import timm
-
-        config = config or TimmBackboneConfig(backbone=name, **kwargs)
-        if not config.use_pretrained_backbone:
-            return cls(config).eval()
-        try:
-            pretrained_cfg = timm.models.get_pretrained_cfg(name)
-        except RuntimeError as err:  # an unknown tag
-            arch, _ = _split_name(name)
-            tags = ", ".join(timm.list_pretrained(f"{arch}.*")) or "none"
-            raise ValueError(f"timm has no pretrained weights {name!r}; valid names with tags: {tags}") from err
-        if pretrained_cfg is None:
-            raise ValueError(f"timm has no pretrained weights registered for {name!r}")
-        hub_id = pretrained_cfg.hf_hub_id
-        if not hub_id:
-            raise OSError(
-                f"timm's weights for {name!r} are not on the hub (url: {pretrained_cfg.url}); download "
-                f"them and pass the file to from_pretrained with backbone={name!r}"
-            )
-        try:
-            weights = resolve_weights(hub_id, **hub_kwargs)
-        except OSError as err:
-            offline = (
-                " (hub access is off: HF_HUB_OFFLINE or local_files_only)"
-                if is_offline(hub_kwargs.get("local_files_only", False))
-                else ""
-            )
-            raise OSError(
-                f"pretrained weights for timm model {name!r} ({hub_id}) are neither in the local cache "
-                f"nor reachable{offline}: {err}"
-            ) from err
-        if weights is None:
-            raise OSError(f"hub repo {hub_id} has no weight file for {name!r}")
-        return cls._with_state_dict(config, load_weights(weights, src=hub_id, **hub_kwargs))
+register_family(ModelFamily(name="timm", config_class=TimmBackboneConfig, backbone_class=TimmBackbone), exist_ok=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from ...auto import register
 from ...configuration import PretrainedConfig
 
 # transformers' DETR defaults (the ``decoder_config`` of every MaskFormer checkpoint); MaskFormer reads d_model,
@@ -219,3 +220,6 @@ class MaskFormerConfig(PretrainedConfig):
         out["num_attention_heads"] = self.decoder_config["encoder_attention_heads"]
         out["num_hidden_layers"] = self.decoder_config["encoder_layers"]
         return dict(sorted(out.items()))
+
+
+register("maskformer", MaskFormerConfig, exist_ok=True)  # a task model: AutoBackbone gives its backbone

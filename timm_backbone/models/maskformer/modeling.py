@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ...auto import family_of
 from ...backbone import ModelOutput
 from ...modeling import LoadReport, PreTrainedModel, match_prefix
 from .configuration import MaskFormerConfig
@@ -155,10 +156,18 @@ class _MaskFormerWeights:
         out = {_MLP_MODULE.sub(r"\1\2", k): v for k, v in own.items()}
         backbone = self._backbone()
         saved = backbone.state_dict_for_save() if hasattr(backbone, "state_dict_for_save") else backbone.state_dict()
-        if getattr(backbone.config, "model_type", "") in ("swin", "maskformer-swin"):
-            saved = swin_to_maskformer_layout(saved, backbone)
+        family = family_of(backbone.config)
+        to_task_layout = (family.task_layouts or {}).get("maskformer") if family is not None else None
+        if to_task_layout is not None:
+            saved = to_task_layout(saved, backbone)
         out.update({self.encoder_prefix + k: v for k, v in saved.items()})
         return out
+
+    def missing_ok(self) -> tuple[str, ...]:
+        """The model's own, and the backbone's (under its prefix)."""
+        backbone = self._backbone().missing_ok() if hasattr(self._backbone(), "missing_ok") else ()
+        inner = tuple(re.escape(ENCODER) + p[1:] if p.startswith("^") else p for p in backbone)
+        return (*self.ignore_missing, *inner)
 
     def load_checkpoint(
         self, state_dict: dict[str, torch.Tensor], strict: bool = False, source: str = ""
@@ -181,30 +190,6 @@ class _MaskFormerWeights:
             converted = {k: v for k, v in converted.items() if k in own or not any(re.search(p, k) for p in ignored)}
             rest.update({f"{head}{ENCODER}{k}": v for k, v in converted.items()})
         return PreTrainedModel.load_checkpoint(self, rest, strict=strict, source=source)
-
-
-def swin_to_maskformer_layout(state_dict: dict[str, torch.Tensor], backbone: nn.Module) -> dict[str, torch.Tensor]:
-    """transformers' ``SwinBackbone`` keys -> ``MaskFormerSwinBackbone`` keys (what transformers' MaskFormer reads):
-    ``model.`` before the Swin itself, per-stage norms numbered from 0 for stage1. The buffers and the final
-    ``layernorm`` that file holds but no backbone output depends on are written too (the relative position indices,
-    the norm at its initial value), so that transformers finds a complete file."""
-    from ..swin import _relative_position_index
-
-    window = backbone.config.window_size
-    out = {}
-    for key, value in state_dict.items():
-        norm = re.match(r"^hidden_states_norms\.stage(\d+)\.(.+)$", key)
-        if norm:
-            out[f"hidden_states_norms.{int(norm[1]) - 1}.{norm[2]}"] = value
-            continue
-        out["model." + key] = value
-        if key.endswith(".relative_position_bias_table"):
-            index_key = "model." + key.replace("relative_position_bias_table", "relative_position_index")
-            out[index_key] = _relative_position_index((window, window), window).clone()
-    channels, dtype = backbone.num_features[-1], next(iter(state_dict.values())).dtype
-    out.setdefault("model.layernorm.weight", torch.ones(channels, dtype=dtype))
-    out.setdefault("model.layernorm.bias", torch.zeros(channels, dtype=dtype))
-    return out
 
 
 def _init_weights(module: nn.Module, std: float, xavier_gain: float) -> None:
