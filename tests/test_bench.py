@@ -10,6 +10,7 @@ from timm_backbone import benchmark
 from timm_backbone.benchmark import (
     BenchSettings,
     ModelSpec,
+    bench_chart,
     markdown_report,
     peak_memory,
     run_benchmark,
@@ -17,7 +18,6 @@ from timm_backbone.benchmark import (
     write_outputs,
 )
 from timm_backbone.cli import build_parser
-from timm_backbone.visualize import bench_chart
 
 TINY_SWIN = ModelSpec(
     "swin_tiny_test",

@@ -11,20 +11,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from .auto import FAMILIES, get_family
+from ..auto import FAMILIES, get_family
+from .report import markdown_report, write_outputs
+from .timing import machine_info, peak_memory, time_interleaved, transformers_version
 
 IMPLEMENTATIONS = ("timm", "native", "native_opt", "transformers")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -128,108 +127,6 @@ class BenchSettings:
 
 
 # machine ---------------------------------------------------------------------------------------------------------
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def machine_info(device: str) -> dict[str, Any]:
-    """The machine, library versions and thread count the numbers were measured with."""
-    import timm
-
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "transformers": _transformers_version(),
-        "device": device,
-    }
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def _transformers_version() -> str | None:
-    try:
-        import transformers
-    except ImportError:
-        return None
-    return transformers.__version__
-
-
-# measuring -------------------------------------------------------------------------------------------------------
-def _synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_interleaved(
-    calls: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: str = "cpu"
-) -> dict[str, list[float]]:
-    """Seconds per call of each contender; contenders alternate, with the order rotated every repeat."""
-    names = list(calls)
-    for _ in range(warmup):
-        for name in names:
-            calls[name]()
-    _synchronize(device)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            _synchronize(device)
-            start = time.perf_counter()
-            calls[name]()
-            _synchronize(device)
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Silence the C++ profiler's own log lines (written straight to file descriptor 2)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def peak_memory(call: Callable[[], Any], device: str = "cpu") -> int:
-    """Peak bytes allocated by torch during one call, above what was allocated before it.
-
-    CUDA reads the caching allocator's statistics; CPU replays the allocation events of ``torch.profiler``.
-    """
-    if device == "cuda":
-        _synchronize(device)
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        call()
-        _synchronize(device)
-        return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        call()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    current = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        current += event.nbytes()
-        peak = max(peak, current)
-    return peak
-
-
 # weights and contenders ------------------------------------------------------------------------------------------
 def random_timm_state_dict(timm_name: str, seed: int, **model_args: Any) -> dict[str, torch.Tensor]:
     """timm's random initialisation, with norm statistics and affine parameters perturbed.
@@ -297,7 +194,7 @@ class _Weights:
 def _build_contenders(
     spec: ModelSpec, weights: _Weights, index: int, dtype: torch.dtype, settings: BenchSettings, with_tf: bool
 ) -> dict[str, torch.nn.Module]:
-    from .models.timm_backbone import TimmBackbone, TimmBackboneConfig
+    from ..models.timm_backbone import TimmBackbone, TimmBackboneConfig
 
     family = get_family(spec.family)
     backbone_class = family.backbone_class
@@ -363,7 +260,7 @@ def run_benchmark(settings: BenchSettings, progress: Callable[[str], None] | Non
     previous_threads = torch.get_num_threads()
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    with_tf = settings.transformers and _transformers_version() is not None
+    with_tf = settings.transformers and transformers_version() is not None
     report = {"machine": machine_info(settings.device), "settings": asdict(settings), "runs": []}
     left_out = {"transformers": not with_tf, "native_opt": not settings.native_optimized}
     report["settings"]["contenders"] = [n for n in IMPLEMENTATIONS if not left_out.get(n)]
@@ -463,86 +360,6 @@ def _run_one(
 
 
 # reporting -------------------------------------------------------------------------------------------------------
-def _cell(values: dict[str, Any], names: Sequence[str], fmt: str) -> str:
-    return " / ".join(format(values[n], fmt) if values.get(n) is not None else "–" for n in names)
-
-
-def summary_markdown(runs: Sequence[dict], contenders: Sequence[str]) -> str:
-    """One line per run: each contender's latency at the deepest stage run, and the worst stage difference."""
-    order = " / ".join(contenders)
-    lines = [
-        f"| model | dtype | batch | mode | last-stage latency ms ({order}) | native speed-up vs timm | "
-        f"worst max abs diff native vs timm | vs transformers |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for run in runs:
-        last = run["stages"][-1]["latency_ms"]
-        ratio = f"{last['timm'] / last['native']:.2f}x" if "timm" in last else "–"
-        worst = []
-        for other in ("timm", "transformers"):
-            values = [s["max_abs_diff"][other] for s in run["stages"] if s["max_abs_diff"][other] is not None]
-            worst.append(f"{max(values):.1e}" if values else "–")
-        lines.append(
-            f"| {run['model']} | {run['dtype']} | {run['batch']} | {run['mode']} | {_cell(last, contenders, '.1f')} | "
-            f"{ratio} | {worst[0]} | {worst[1]} |"
-        )
-    return "\n".join(lines)
-
-
-def markdown_report(report: dict) -> str:
-    """The report as markdown: the machine line, a summary, then one table per run."""
-    m = report["machine"]
-    contenders = report["settings"]["contenders"]
-    lines = [
-        f"Machine: {m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads, {m['device']}); "
-        f"torch {m['torch']}, timm {m['timm']}, transformers {m['transformers'] or 'not installed'}; "
-        f"median of {report['settings']['repeats']} interleaved repeats.",
-        "",
-    ]
-    order = " / ".join(contenders)
-    lines += [summary_markdown(report["runs"], contenders), ""]
-    for run in report["runs"]:
-        lines.append(
-            f"**{run['model']}** ({run['timm_name']}), {run['dtype']}, batch {run['batch']}, "
-            f"{run['input_size']}x{run['input_size']}, {run['mode']}"
-        )
-        lines.append("")
-        lines.append(
-            f"| stage | shape | latency ms ({order}) | native speed-up vs timm | images/s ({order}) | "
-            f"peak MiB ({order}) | max abs diff native vs timm | vs transformers |"
-        )
-        lines.append("|---|---|---|---|---|---|---|---|")
-        for s in run["stages"]:
-            lat = s["latency_ms"]
-            ratio = f"{lat['timm'] / lat['native']:.2f}x" if "timm" in lat else "–"
-            diffs = [s["max_abs_diff"][n] for n in ("timm", "transformers")]
-            diff_cells = [f"{d:.1e}" if d is not None else "–" for d in diffs]
-            shape = "x".join(str(v) for v in s["shape"][1:])
-            lines.append(
-                f"| {s['index']} {s['name']} | {shape} | {_cell(lat, contenders, '.2f')} | {ratio} | "
-                f"{_cell(s['throughput'], contenders, '.1f')} | {_cell(s['peak_mib'], contenders, '.1f')} | "
-                f"{diff_cells[0]} | {diff_cells[1]} |"
-            )
-        lines.append("")
-    notes = {run["family"]: run["comparison"] for run in report["runs"]}
-    lines.extend(f"- {family}: {text}." for family, text in sorted(notes.items()))
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def write_outputs(report: dict, output_dir: str | os.PathLike, stem: str = "stage_bench") -> dict[str, str]:
-    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` into ``output_dir``; return the paths."""
-    from .hub import atomic_write
-    from .visualize import bench_chart
-
-    os.makedirs(output_dir, exist_ok=True)
-    paths = {ext: os.path.join(output_dir, f"{stem}.{ext}") for ext in ("json", "md", "png")}
-    with atomic_write(paths["json"], "w") as f:
-        json.dump(report, f, indent=1)
-    with atomic_write(paths["md"], "w") as f:
-        f.write(markdown_report(report))
-    with atomic_write(paths["png"]) as f:
-        bench_chart(report).save(f, format="PNG")
-    return paths
 
 
 # command line ----------------------------------------------------------------------------------------------------
