@@ -69,6 +69,19 @@ def test_errors_are_clear_and_exit_2(argv, message, capsys):
     assert err.startswith(f"timm-backbone {argv[0]}: error: ") and message in err and "Traceback" not in err
 
 
+def test_debug_shows_the_traceback_of_bad_input():
+    with pytest.raises(OSError, match="unknown timm model 'resnt50'"):
+        main(["--debug", "features", "resnt50"])
+
+
+def test_our_own_bugs_are_not_reported_as_bad_input(monkeypatch):
+    import timm_backbone.cli as cli
+
+    monkeypatch.setattr(cli, "build_backbone", lambda *args, **kwargs: {}["a bug"])
+    with pytest.raises(KeyError, match="a bug"):
+        main(["features", "resnet18"])
+
+
 def test_bad_out_indices_argument_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         main(["features", "resnet18", "--out-indices", "a,b"])

@@ -159,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="timm-backbone",
         description="Backbones for dense prediction: any timm model, native Swin and ResNet.",
     )
+    parser.add_argument("--debug", action="store_true", help="on an error, show the traceback instead of one line")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("inspect", help="print the stage table (index, name, channels, stride) without running it")
@@ -225,7 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out_indices = "all"
     try:
         return args.func(args)
-    except (ValueError, TypeError, OSError) as err:
+    except (ValueError, TypeError, OSError) as err:  # bad input; anything else is a bug and keeps its traceback
+        if args.debug:
+            raise
         print(f"timm-backbone {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
