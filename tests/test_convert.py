@@ -7,6 +7,7 @@ import timm
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
+from tiny_backbones import perturb_norms
 
 from timm_backbone import TimmBackbone
 from timm_backbone.benchmark import random_timm_state_dict
@@ -38,17 +39,6 @@ TRANSFORMERS_CASES = {
     "resnet": ("ResNetConfig", dict(embedding_size=64, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 2, 1],
                                     layer_type="bottleneck", num_labels=4)),
 }  # fmt: skip
-
-
-def _perturb(model):
-    """Random norms and batch-norm statistics, so a mapping mistake in them changes the outputs."""
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if tensor.is_floating_point() and ("norm" in name or "bn" in name or "running" in name):
-                tensor.copy_(
-                    torch.rand_like(tensor) + 0.5 if "running_var" in name else tensor + torch.randn_like(tensor) * 0.1
-                )
-    return model.eval()
 
 
 def _timm_folder(tmp_path, case):
@@ -117,7 +107,7 @@ def test_transformers_round_trip(tmp_path, case):
     model_class = getattr(
         transformers, task if "num_labels" in fields else task.replace("ForImageClassification", "Model")
     )
-    model = _perturb(model_class(config))
+    model = perturb_norms(model_class(config))
     model.save_pretrained(tmp_path / "hf")
     original = load_file(tmp_path / "hf" / "model.safetensors")
     pixels = torch.randn(2, 3, SIZE, SIZE)
@@ -146,7 +136,7 @@ def test_transformers_round_trip(tmp_path, case):
 
 
 def test_native_backbone_checkpoint_to_timm_gets_identity_norm(tmp_path):
-    backbone = _perturb(SwinBackbone(SwinConfig(embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=2,
+    backbone = perturb_norms(SwinBackbone(SwinConfig(embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=2,
                                                 image_size=SIZE, out_indices=[1, 2])))  # fmt: skip
     backbone.save_pretrained(tmp_path / "native")
     result = convert_checkpoint(tmp_path / "native", tmp_path / "timm")

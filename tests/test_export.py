@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from tiny_backbones import build
+from tiny_backbones import build, close
 from torch import nn
 from torch.export import Dim
 
@@ -57,12 +57,6 @@ def _exported(name: str) -> tuple[nn.Module, torch.export.ExportedProgram]:
     return _CACHE[name]
 
 
-def _close(actual, expected) -> None:
-    assert len(actual) == len(expected)
-    for a, e in zip(actual, expected):
-        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
-
-
 class TupleOutput(nn.Module):
     """A backbone returning a plain tuple of feature maps, the form tracers and some runtimes want."""
 
@@ -83,7 +77,7 @@ def test_torch_export_with_dynamic_batch(name):
         out = program.module()(x)
         assert isinstance(out, BackboneOutput)  # the output dataclass survives export (a registered pytree node)
         with torch.no_grad():
-            _close(out.feature_maps, model(x).feature_maps)
+            close(out.feature_maps, model(x).feature_maps)
     assert [f.shape[1] for f in out.feature_maps] == model.channels
 
 
@@ -99,7 +93,7 @@ def test_torch_export_with_dynamic_height_and_width(name):
     program = torch.export.export(model, (x,), dynamic_shapes=({0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO},))
     y = torch.randn(2, 3, 96, 128)
     with torch.no_grad():
-        _close(program.module()(y).feature_maps, model(y).feature_maps)
+        close(program.module()(y).feature_maps, model(y).feature_maps)
 
 
 def test_exported_program_saves_and_loads(tmp_path):
@@ -108,7 +102,7 @@ def test_exported_program_saves_and_loads(tmp_path):
     loaded = torch.export.load(tmp_path / "backbone.pt2")
     x = torch.randn(3, 3, SIZE, SIZE)
     with torch.no_grad():
-        _close(loaded.module()(x).feature_maps, model(x).feature_maps)
+        close(loaded.module()(x).feature_maps, model(x).feature_maps)
 
 
 def test_export_keeps_the_input_checks():
@@ -139,7 +133,7 @@ def test_onnx_export_matches_eager_in_onnxruntime(name, tmp_path):
         x = torch.randn(batch, 3, SIZE, SIZE)
         outputs = session.run(None, {input_name: x.numpy()})
         with torch.no_grad():
-            _close([torch.from_numpy(o) for o in outputs], model(x).feature_maps)
+            close([torch.from_numpy(o) for o in outputs], model(x).feature_maps)
 
 
 # torch.compile -------------------------------------------------------------------------------------------------------
@@ -150,7 +144,7 @@ def test_compile_fullgraph_matches_eager(name):
     with torch.no_grad():
         for batch in (2, 3):
             x = torch.randn(batch, 3, SIZE, SIZE)
-            _close(compiled(x).feature_maps, model(x).feature_maps)
+            close(compiled(x).feature_maps, model(x).feature_maps)
 
 
 def test_compiled_model_still_raises_clear_errors():
@@ -168,7 +162,7 @@ def test_compile_inductor_matches_eager(name):
     compiled = torch.compile(model)
     with torch.no_grad():
         x = torch.randn(2, 3, SIZE, SIZE)
-        _close(compiled(x).feature_maps, model(x).feature_maps)
+        close(compiled(x).feature_maps, model(x).feature_maps)
 
 
 # TorchScript ----------------------------------------------------------------------------------------------------------
@@ -182,7 +176,7 @@ def test_torchscript_trace_of_the_tuple_output(name, tmp_path):
     loaded = torch.jit.load(tmp_path / "traced.pt")
     x = torch.randn(3, 3, SIZE, SIZE)
     with torch.no_grad():
-        _close(loaded(x), model(x).feature_maps)
+        close(loaded(x), model(x).feature_maps)
 
 
 @pytest.mark.slow
@@ -192,7 +186,7 @@ def test_torchscript_script_of_timm_feature_list():
     scripted = torch.jit.script(model._backbone)
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
-        _close(scripted(x), [model(x, output_hidden_states=True).hidden_states[i] for i in model._held])
+        close(scripted(x), [model(x, output_hidden_states=True).hidden_states[i] for i in model._held])
 
 
 # MaskFormer ----------------------------------------------------------------------------------------------------------
@@ -222,7 +216,7 @@ def test_maskformer_exports_to_torch_export_and_onnx(tmp_path):
     with torch.no_grad():
         expected = model(x)
     got = program.module()(x)
-    _close(
+    close(
         [got.class_queries_logits, got.masks_queries_logits],
         [expected.class_queries_logits, expected.masks_queries_logits],
     )
@@ -232,4 +226,4 @@ def test_maskformer_exports_to_torch_export_and_onnx(tmp_path):
         torch.onnx.export(program, dynamo=True, optimize=False, verbose=False).save(str(path))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     outputs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    _close([torch.from_numpy(o) for o in outputs[:2]], [expected.class_queries_logits, expected.masks_queries_logits])
+    close([torch.from_numpy(o) for o in outputs[:2]], [expected.class_queries_logits, expected.masks_queries_logits])

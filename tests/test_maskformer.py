@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import transformers
+from tiny_backbones import close
 
 from timm_backbone import (
     MaskFormerConfig,
@@ -80,10 +81,6 @@ def _labels(seed: int = 0):
     return masks, classes
 
 
-def _close(actual, expected, atol=1e-4):
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=1e-4)
-
-
 # parity --------------------------------------------------------------------------------------------------------------
 def test_forward_parity_with_transformers(saved):
     hf, folder = saved
@@ -96,11 +93,11 @@ def test_forward_parity_with_transformers(saved):
     assert actual.class_queries_logits.shape == (2, 10, 6)
     assert actual.masks_queries_logits.shape == (2, 10, SIZE // 4, SIZE // 4)
     for name in ("class_queries_logits", "masks_queries_logits", "transformer_decoder_last_hidden_state"):
-        _close(actual[name], expected[name])
+        close(actual[name], expected[name])
     for name in ("encoder_hidden_states", "pixel_decoder_hidden_states", "transformer_decoder_hidden_states"):
         assert len(actual[name]) == len(expected[name])
         for a, e in zip(actual[name], expected[name]):
-            _close(a, e)
+            close(a, e)
 
 
 def test_loss_parity_with_transformers(saved):
@@ -111,12 +108,12 @@ def test_loss_parity_with_transformers(saved):
     with torch.no_grad():
         expected = hf(x, mask_labels=masks, class_labels=classes)
         actual = ours(x, mask_labels=masks, class_labels=classes)
-    _close(actual.loss, expected.loss)
+    close(actual.loss, expected.loss)
     e = hf.get_loss_dict(expected.masks_queries_logits, expected.class_queries_logits, masks, classes, None)
     a = ours.get_loss_dict(actual.masks_queries_logits, actual.class_queries_logits, masks, classes, None)
     assert set(a) == set(e) == {"loss_cross_entropy", "loss_mask", "loss_dice"}
     for key in e:
-        _close(a[key], e[key])
+        close(a[key], e[key])
 
 
 def test_auxiliary_loss_parity(tmp_path):
@@ -129,10 +126,10 @@ def test_auxiliary_loss_parity(tmp_path):
     # transformers needs output_hidden_states=True for its auxiliary logits; ours does not
     expected = hf(x, mask_labels=masks, class_labels=classes, output_hidden_states=True)
     actual = ours(x, mask_labels=masks, class_labels=classes)
-    _close(actual.loss, expected.loss)
+    close(actual.loss, expected.loss)
     assert len(actual.auxiliary_logits) == len(expected.auxiliary_logits) == 2
     for a, e in zip(actual.auxiliary_logits, expected.auxiliary_logits):
-        _close(a["masks_queries_logits"], e["masks_queries_logits"])
+        close(a["masks_queries_logits"], e["masks_queries_logits"])
     actual.loss.backward()
     assert all(p.grad is not None for p in ours.parameters() if p.requires_grad)
 
@@ -148,7 +145,7 @@ def test_attentions_match_transformers(saved):
     assert len(actual) == len(expected) == DECODER["decoder_layers"]
     for a, e in zip(actual, expected):
         assert a.shape == (1, DECODER["decoder_attention_heads"], DECODER["num_queries"], DECODER["num_queries"])
-        _close(a, e)
+        close(a, e)
 
 
 def test_model_without_heads_loads_task_checkpoint(saved):
@@ -159,8 +156,8 @@ def test_model_without_heads_loads_task_checkpoint(saved):
     with torch.no_grad():
         expected = hf.model(x)
         actual = model(x)
-    _close(actual.pixel_decoder_last_hidden_state, expected.pixel_decoder_last_hidden_state)
-    _close(actual.transformer_decoder_last_hidden_state, expected.transformer_decoder_last_hidden_state)
+    close(actual.pixel_decoder_last_hidden_state, expected.pixel_decoder_last_hidden_state)
+    close(actual.transformer_decoder_last_hidden_state, expected.transformer_decoder_last_hidden_state)
 
 
 def test_tuple_output_matches_transformers_order(saved):
@@ -172,7 +169,7 @@ def test_tuple_output_matches_transformers_order(saved):
         actual = ours(x, return_dict=False)
     assert len(actual) == len(expected)
     for a, e in zip(actual, expected):
-        _close(a, e)
+        close(a, e)
 
 
 # checkpoints and configs ------------------------------------------------------------------------------------------
@@ -184,7 +181,7 @@ def test_transformers_loads_what_we_save(saved, tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     x = torch.randn(1, 3, SIZE, SIZE)
     with torch.no_grad():
-        _close(ours(x).masks_queries_logits, hf.eval()(x).masks_queries_logits)
+        close(ours(x).masks_queries_logits, hf.eval()(x).masks_queries_logits)
 
 
 @pytest.mark.parametrize("kind", ["swin", "timm", pytest.param("resnet", marks=needs_resnet)])
@@ -201,7 +198,7 @@ def test_native_config_saves_for_transformers(kind, tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
-        _close(model(x).masks_queries_logits, hf.eval()(x).masks_queries_logits)
+        close(model(x).masks_queries_logits, hf.eval()(x).masks_queries_logits)
 
 
 def test_config_json_round_trip(saved, tmp_path):
@@ -398,9 +395,9 @@ def test_optimize_for_inference_agrees_with_plain_forward(kind, tmp_path):
         expected = plain(x, mask_labels=masks, class_labels=classes)
         actual = fast(x, mask_labels=masks, class_labels=classes)
     assert actual.pixel_decoder_last_hidden_state is None  # skipped on the fast path
-    _close(actual.masks_queries_logits, expected.masks_queries_logits)
-    _close(actual.class_queries_logits, expected.class_queries_logits)
-    _close(actual.loss, expected.loss)
+    close(actual.masks_queries_logits, expected.masks_queries_logits)
+    close(actual.class_queries_logits, expected.class_queries_logits)
+    close(actual.loss, expected.loss)
     # with autograd on, or when hidden states are asked for, the plain path runs
     assert fast(x).pixel_decoder_last_hidden_state is not None
     with torch.no_grad():

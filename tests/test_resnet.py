@@ -11,6 +11,7 @@ import torch
 import torchvision
 import transformers
 from safetensors.torch import save_file
+from tiny_backbones import close, perturb_norms, write_timm_repo
 
 from timm_backbone import AutoBackbone, AutoConfig, ResNetBackbone, ResNetConfig
 from timm_backbone.layers import FrozenBatchNorm2d
@@ -21,29 +22,12 @@ TINY_BOTTLENECK = dict(embedding_size=8, hidden_sizes=[16, 32, 64, 128], depths=
 ALL = [0, 1, 2, 3, 4]
 
 
-def _perturb_batch_norm(model: torch.nn.Module, seed: int = 0) -> None:
-    """Fresh BatchNorms are the identity at eval; non-trivial statistics and affine terms expose mapping mistakes."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                n = module.num_features
-                module.running_mean.copy_(0.1 * torch.randn(n, generator=generator))
-                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-                module.bias.copy_(0.1 * torch.randn(n, generator=generator))
-
-
 def _hf(tmp_path, cls=transformers.ResNetBackbone, **fields):
     config = transformers.ResNetConfig(**fields)
     model = cls(config).eval()
-    _perturb_batch_norm(model)
+    perturb_norms(model)
     model.save_pretrained(tmp_path)
     return model
-
-
-def _close(actual, expected, tol=1e-4):
-    torch.testing.assert_close(actual, expected, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize(
@@ -69,8 +53,8 @@ def test_parity_with_transformers_backbone(tmp_path, fields, size):
     assert len(actual.hidden_states) == len(expected.hidden_states) == 5
     assert all(f.is_contiguous() for f in actual.feature_maps + actual.hidden_states)  # computed channels_last
     for a, f, e in zip(actual.feature_maps + actual.hidden_states, fused.feature_maps, expected.feature_maps):
-        _close(a, e)
-        _close(f, e)
+        close(a, e)
+        close(f, e)
     # channels and strides describe the real outputs
     assert [f.shape[1] for f in actual.feature_maps] == model.channels == reference.channels
     assert [f.shape[-2] for f in actual.feature_maps] == [-(-size[0] // s) for s in model.strides]
@@ -91,12 +75,12 @@ def test_loads_transformers_model_and_classification_checkpoints(tmp_path, layou
         expected = base(x, output_hidden_states=True).hidden_states
         actual = model(x).feature_maps
     for a, e in zip(actual, expected):
-        _close(a, e)
+        close(a, e)
 
 
 def test_saved_files_load_in_transformers(tmp_path):
     model = ResNetBackbone(ResNetConfig(**TINY_BOTTLENECK, out_features=["stage2", "stage4"])).eval()
-    _perturb_batch_norm(model)
+    perturb_norms(model)
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model_type"] == "resnet" and saved["stage_names"] == ["stem", "stage1", "stage2", "stage3", "stage4"]
@@ -105,7 +89,7 @@ def test_saved_files_load_in_transformers(tmp_path):
     x = torch.randn(2, 3, 35, 50)
     with torch.no_grad():
         for a, e in zip(model(x).feature_maps, reference(x).feature_maps):
-            _close(a, e)
+            close(a, e)
     # and back, through the Auto classes
     again = AutoBackbone.from_pretrained(tmp_path)
     assert isinstance(again, ResNetBackbone) and again.out_indices == [2, 4]
@@ -129,7 +113,7 @@ def test_config_fields_and_resnet50_shapes():
 def _timm_reference(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """timm's feature extractor (act1, layer1..4) and its weights as a full checkpoint (with the classifier)."""
     model = timm.create_model(name, features_only=True).eval()
-    _perturb_batch_norm(model)
+    perturb_norms(model)
     width = model.feature_info.channels()[-1]
     return model, {**model.state_dict(), "fc.weight": torch.randn(1000, width), "fc.bias": torch.randn(1000)}
 
@@ -144,14 +128,14 @@ def test_stage_outputs_equal_timm_features(name):
     with torch.no_grad():
         expected = reference(x)  # act1 (stride 2), layer1..4
         actual = model(x).feature_maps
-    _close(actual[0], torch.nn.functional.max_pool2d(expected[0], 3, 2, 1))
+    close(actual[0], torch.nn.functional.max_pool2d(expected[0], 3, 2, 1))
     for a, e in zip(actual[1:], expected[1:]):
-        _close(a, e)
+        close(a, e)
 
 
 def test_loads_torchvision_state_dict(tmp_path):
     reference = torchvision.models.resnet18(weights=None).eval()
-    _perturb_batch_norm(reference)
+    perturb_norms(reference)
     torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
     model = ResNetBackbone.from_pretrained(tmp_path / "resnet18.pth", config=ResNetConfig.from_timm("resnet18"),
                                            out_indices=[1, 2, 3, 4])  # fmt: skip
@@ -164,7 +148,7 @@ def test_loads_torchvision_state_dict(tmp_path):
             h = layer(h)
             expected.append(h)
         for a, e in zip(model(x).feature_maps, expected):
-            _close(a, e)
+            close(a, e)
 
 
 def test_key_mappings_round_trip():
@@ -183,11 +167,7 @@ def test_key_mappings_round_trip():
 
 def _timm_repo(folder, arch: str = "resnet18.a1_in1k") -> torch.nn.Module:
     reference, weights = _timm_reference(arch.split(".")[0])
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(weights, folder / "model.safetensors")
-    timm_config = {"architecture": arch, "num_classes": 1000, "num_features": 512, "global_pool": "avg",
-                   "pretrained_cfg": {"tag": arch.partition(".")[2], "mean": [0.485, 0.456, 0.406]}}  # fmt: skip
-    (folder / "config.json").write_text(json.dumps(timm_config))
+    write_timm_repo(folder, arch, weights, num_classes=1000, num_features=512, global_pool="avg")
     return reference
 
 
@@ -204,7 +184,7 @@ def test_timm_hub_repo_folder_and_name(tmp_path):
         model = ResNetBackbone.from_pretrained(src, cache_dir=tmp_path / "hub")
         assert model.load_report.ok, (src, model.load_report)
         with torch.no_grad():
-            _close(model(x).feature_maps[-1], reference(x)[-1])
+            close(model(x).feature_maps[-1], reference(x)[-1])
 
 
 @pytest.mark.parametrize(
@@ -258,39 +238,39 @@ def test_frozen_batch_norm(tmp_path):
     assert model.embedder.embedder.convolution.weight.grad is not None
     with torch.no_grad():
         for a, e in zip(out, reference(x).feature_maps):  # statistics unchanged by the training-mode pass
-            _close(a, e)
+            close(a, e)
 
 
 def test_inference_path_is_reversible_and_follows_weight_changes():
     model = ResNetBackbone(ResNetConfig(**TINY_BOTTLENECK, out_indices=ALL)).eval()
-    _perturb_batch_norm(model)
+    perturb_norms(model)
     x = torch.randn(2, 3, 48, 40)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         plain = model(x).feature_maps
         model.optimize_for_inference()
         for a, e in zip(model(x).feature_maps, plain):
-            _close(a, e)
+            close(a, e)
         assert model._plan is not None
         other = torch.randn(1, 3, 35, 61)  # weights were packed for the first shape; other shapes still match
         for a, e in zip(model(other).feature_maps, model.optimize_for_inference(False)(other).feature_maps):
-            _close(a, e)
+            close(a, e)
         model.optimize_for_inference()
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
         # new weights are re-folded on the next call
-        _perturb_batch_norm(model, seed=1)
+        perturb_norms(model, seed=1)
         replot = ResNetBackbone(model.config).eval()
         replot.load_state_dict(model.state_dict())
         for a, e in zip(model(x).feature_maps, replot(x).feature_maps):
-            _close(a, e)
+            close(a, e)
         # copies and pickles carry no packed tensors and rebuild the plan
         for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
             for a, e in zip(clone(x).feature_maps, replot(x).feature_maps):
-                _close(a, e)
+                close(a, e)
         model.optimize_for_inference(False)
         assert model._plan is None
         for a, e in zip(model(x).feature_maps, replot(x).feature_maps):
-            _close(a, e, tol=0)
+            close(a, e, tol=0)
     # with autograd on, the plain modules run and gradients reach the parameters
     out = model(x).feature_maps[-1]
     out.sum().backward()
@@ -317,7 +297,7 @@ def test_only_requested_stages_run():
 def test_in_place_batch_norm_matches_module_path(frozen):
     """Eval mode without autograd scales the conv outputs in place; with autograd the BatchNorm modules run."""
     model = ResNetBackbone(ResNetConfig(**TINY_BOTTLENECK, out_indices=ALL, freeze_batch_norm_2d=frozen)).eval()
-    _perturb_batch_norm(model)
+    perturb_norms(model)
     if frozen:
         with torch.no_grad():
             for module in model.modules():
@@ -330,7 +310,7 @@ def test_in_place_batch_norm_matches_module_path(frozen):
         in_place = model(x, output_hidden_states=True).hidden_states
     with_modules = model(x, output_hidden_states=True).hidden_states
     for a, e in zip(in_place, with_modules):
-        _close(a, e.detach())
+        close(a, e.detach())
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import timm
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
+from tiny_backbones import close
 
 import timm_backbone.models.swin as swin_module
 from timm_backbone import SwinBackbone, SwinConfig
@@ -39,10 +40,6 @@ def _hf_backbone(tmp_path, out_indices=(0, 1, 2, 3), **overrides):
     return model
 
 
-def _close(actual, expected):
-    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
-
-
 @pytest.mark.parametrize(
     ("overrides", "size", "out_indices"),
     [
@@ -64,14 +61,14 @@ def test_parity_with_transformers_backbone(tmp_path, overrides, size, out_indice
         actual = model(x, output_hidden_states=True, output_attentions=True)
     assert len(actual.feature_maps) == len(out_indices)
     for a, e in zip(actual.feature_maps, expected.feature_maps):
-        _close(a, e)
+        close(a, e)
     assert len(actual.hidden_states) == len(expected.hidden_states)
     for a, e in zip(actual.hidden_states, expected.hidden_states):
-        _close(a, e)
+        close(a, e)
     assert len(actual.attentions) == len(expected.attentions) == len(model.config.depths)
     for a, e in zip(actual.attentions, expected.attentions):
         assert a.shape == e.shape
-        _close(a, e)
+        close(a, e)
     # channels and strides describe the real outputs
     assert [f.shape[1] for f in actual.feature_maps] == model.channels
     padded = [-(-size[0] // s) for s in model.strides]
@@ -99,7 +96,7 @@ def test_early_selection_matches_full_run(tmp_path):
     early = SwinBackbone.from_pretrained(tmp_path, out_indices=(1,))
     x = torch.randn(1, 3, 40, 40)
     with torch.no_grad():
-        _close(early(x).feature_maps[0], full(x).feature_maps[1])
+        close(early(x).feature_maps[0], full(x).feature_maps[1])
 
 
 @pytest.mark.parametrize("head", ["SwinModel", "SwinForImageClassification"])
@@ -122,7 +119,7 @@ def test_loads_transformers_task_models(tmp_path, head):
         ).reshaped_hidden_states
         actual = model(x, output_hidden_states=True).hidden_states
     for a, e in zip(actual, expected):
-        _close(a, e)
+        close(a, e)
 
 
 def test_legacy_bin_and_swin_prefix(tmp_path):
@@ -136,7 +133,7 @@ def test_legacy_bin_and_swin_prefix(tmp_path):
     with torch.no_grad():
         expected = reference.swin(x, output_hidden_states=True, always_partition=True,
                                   output_hidden_states_before_downsampling=True).reshaped_hidden_states[-1]  # fmt: skip
-        _close(model(x, output_hidden_states=True).hidden_states[-1], expected)
+        close(model(x, output_hidden_states=True).hidden_states[-1], expected)
 
 
 def test_save_loads_in_transformers(tmp_path):
@@ -152,7 +149,7 @@ def test_save_loads_in_transformers(tmp_path):
     x = torch.randn(2, 3, 45, 61)
     with torch.no_grad():
         for a, e in zip(model(x).feature_maps, reference.eval()(x).feature_maps):
-            _close(a, e)
+            close(a, e)
     reloaded = AutoBackbone.from_pretrained(tmp_path)
     assert isinstance(reloaded, SwinBackbone) and reloaded.load_report.ok
     assert reloaded.config == model.config
@@ -182,7 +179,7 @@ def test_maskformer_swin_layout(tmp_path):
     x = torch.randn(2, 3, 45, 61)
     with torch.no_grad():
         for a, e in zip(model(x).feature_maps, reference(x).feature_maps):
-            _close(a, e)
+            close(a, e)
     # nested in a MaskFormer checkpoint
     nested = {f"model.pixel_level_module.encoder.{k}": v for k, v in reference.state_dict().items()}
     report = SwinBackbone(model.config).load_checkpoint(nested)
@@ -213,7 +210,7 @@ def test_timm_checkpoint_parity(tmp_path, window, img):
         expected = reference.forward_intermediates(x, intermediates_only=True)
         actual = model(x, output_hidden_states=True).hidden_states[1:]
     for a, e in zip(actual, expected):
-        _close(a, e)
+        close(a, e)
 
 
 def test_timm_conversion_round_trip():
@@ -238,8 +235,8 @@ def test_timm_conversion_round_trip():
     with torch.no_grad():
         expected = reference.forward_intermediates(x, intermediates_only=True)
         actual = model.eval()(x, output_hidden_states=True).hidden_states
-    _close(actual[1], expected[0])
-    _close(actual[2], expected[1])
+    close(actual[1], expected[0])
+    close(actual[2], expected[1])
 
 
 def test_missing_and_unexpected_keys_reported(tmp_path):
@@ -279,7 +276,7 @@ def test_mask_cache_is_bounded_and_tracks_weights(monkeypatch):
         model.set_fast_path(False)
         reference = model(x).feature_maps[0]
     assert not torch.allclose(before, after)
-    _close(after, reference)
+    close(after, reference)
 
 
 @pytest.mark.parametrize("mask_layout", ["per-window", "windows-in-heads"])
@@ -296,9 +293,9 @@ def test_fused_and_reference_paths_agree(monkeypatch, mask_layout):
         monkeypatch.setattr(swin_module, "_BATCHED_MASK_MAX_NUMEL", 1 << 22)
         other = model(torch.cat([x, x[:1]]), output_attentions=True)
     for a, b in zip(fused.feature_maps + fused.hidden_states, plain.feature_maps + plain.hidden_states):
-        _close(a, b)
+        close(a, b)
     for a, b in zip(plain.attentions, other.attentions):
-        _close(a, b[: a.shape[0]])  # image-major: the first two images' windows come first
+        close(a, b[: a.shape[0]])  # image-major: the first two images' windows come first
 
 
 def test_training_gradients_checkpointing_and_bias_grad():
@@ -322,7 +319,7 @@ def test_training_gradients_checkpointing_and_bias_grad():
     checkpointed = grads()
     assert plain.keys() == checkpointed.keys()
     for n in plain:
-        _close(checkpointed[n], plain[n])
+        close(checkpointed[n], plain[n])
 
 
 def test_bf16_autocast():
@@ -386,7 +383,7 @@ def test_timm_standard_variants_load(name):
         with torch.no_grad():
             expected = reference.forward_intermediates(x, intermediates_only=True)
             for a, e in zip(model.eval()(x, output_hidden_states=True).hidden_states[1:], expected):
-                _close(a, e)
+                close(a, e)
 
 
 def test_training_after_inference_mode():

@@ -5,6 +5,7 @@ import json
 import pytest
 import timm
 import torch
+from tiny_backbones import write_timm_repo
 
 from timm_backbone import TimmBackbone, TimmBackboneConfig
 
@@ -198,19 +199,9 @@ def test_reload_with_other_selection(tmp_path):
 
 
 def _timm_repo(folder, name="resnet18", **kwargs):
-    """A timm hub repo on disk: config.json with 'architecture' + the full classifier's weights."""
-    from safetensors.torch import save_file
-
+    """A timm hub repo on disk holding the full classifier's weights."""
     net = timm.create_model(name, **kwargs).eval()
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {
-        "architecture": name,
-        "num_classes": net.num_classes,
-        "num_features": net.num_features,
-        "pretrained_cfg": {"tag": "test", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
-    }
-    (folder / "config.json").write_text(json.dumps(config))
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, folder / "model.safetensors")
+    write_timm_repo(folder, name, net.state_dict(), num_classes=net.num_classes, num_features=net.num_features)
     return net
 
 

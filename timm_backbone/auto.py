@@ -63,6 +63,9 @@ class ModelFamily:
         benchmark_timm_args: input size -> extra ``timm.create_model`` arguments for the benchmark.
         task_layouts: task model type -> function giving the backbone state dict in that task's checkpoint layout
             (MaskFormer's own Swin).
+        benchmark_models: The stage benchmark's models of the family: short name -> timm architecture.
+        image_processor: The processor class name for the family's ``preprocessor_config.json`` files that name
+            none (transformers' default for the model type).
     """
 
     name: str
@@ -81,6 +84,8 @@ class ModelFamily:
     comparison_note: str = ""
     benchmark_timm_args: Callable[[int], dict[str, Any]] | None = None
     task_layouts: dict[str, Callable[[dict, Any], dict]] | None = None
+    benchmark_models: dict[str, str] | None = None
+    image_processor: str | None = None
 
     @property
     def model_types(self) -> tuple[str, ...]:
@@ -108,6 +113,8 @@ def register_family(family: ModelFamily, exist_ok: bool = False) -> None:
     for model_type in family.model_types:
         CONFIG_MAPPING.setdefault(model_type, family.config_class)
         BACKBONE_MAPPING.setdefault(model_type, family.backbone_class)
+        if family.image_processor is not None:
+            PROCESSOR_FOR_MODEL_TYPE.setdefault(model_type, family.image_processor)
 
 
 def get_family(name: str) -> ModelFamily:
@@ -193,8 +200,8 @@ def _register_processors() -> None:
     register_image_processor("DeiTImageProcessor", DeiTImageProcessor, ("deit",), True)
     register_image_processor("CLIPImageProcessor", CLIPImageProcessor, ("clip", "clip_vision_model"), True)
     register_image_processor("BitImageProcessor", BitImageProcessor, ("bit", "dinov2"), True)
-    register_image_processor("ViTImageProcessor", ViTImageProcessor, ("vit", "swin", "maskformer-swin"), True)
-    register_image_processor("ConvNextImageProcessor", ConvNextImageProcessor, ("convnext", "resnet"), True)
+    register_image_processor("ViTImageProcessor", ViTImageProcessor, ("vit",), True)
+    register_image_processor("ConvNextImageProcessor", ConvNextImageProcessor, ("convnext",), True)
     register_image_processor("TimmImageProcessor", TimmImageProcessor, ("timm_backbone", "timm_wrapper"), True)
     register_image_processor("TimmWrapperImageProcessor", TimmImageProcessor, (), True)
     maskformer = "timm_backbone.models.maskformer.image_processing:MaskFormerImageProcessor"

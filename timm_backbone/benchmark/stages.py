@@ -49,16 +49,11 @@ class ModelSpec:
     native_args: dict[str, Any] = field(default_factory=dict)
 
 
+# the benchmarked models, as the families register them (short name -> timm architecture)
 MODELS: dict[str, ModelSpec] = {
-    spec.key: spec
-    for spec in (
-        ModelSpec("resnet18", "resnet", "resnet18"),
-        ModelSpec("resnet50", "resnet", "resnet50"),
-        ModelSpec("resnet101", "resnet", "resnet101"),
-        ModelSpec("swin_t", "swin", "swin_tiny_patch4_window7_224"),
-        ModelSpec("swin_s", "swin", "swin_small_patch4_window7_224"),
-        ModelSpec("swin_b", "swin", "swin_base_patch4_window7_224"),
-    )
+    key: ModelSpec(key, family.name, timm_name)
+    for family in FAMILIES.values()
+    for key, timm_name in (family.benchmark_models or {}).items()
 }
 QUICK_MODELS = ("resnet18", "swin_t")
 

@@ -528,6 +528,8 @@ register_family(
         timm_stage=lambda native_index: native_index,
         timm_as_native=resnet_convert.timm_as_native,
         comparison_note=resnet_convert.COMPARISON_NOTE,
+        image_processor="ConvNextImageProcessor",
+        benchmark_models={"resnet18": "resnet18", "resnet50": "resnet50", "resnet101": "resnet101"},
     ),
     exist_ok=True,
 )

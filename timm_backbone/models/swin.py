@@ -624,6 +624,12 @@ register_family(
         comparison_note=swin_convert.COMPARISON_NOTE,
         benchmark_timm_args=lambda input_size: {"img_size": input_size},
         task_layouts={"maskformer": swin_convert.to_maskformer_layout},
+        image_processor="ViTImageProcessor",
+        benchmark_models={
+            "swin_t": "swin_tiny_patch4_window7_224",
+            "swin_s": "swin_small_patch4_window7_224",
+            "swin_b": "swin_base_patch4_window7_224",
+        },
     ),
     exist_ok=True,
 )
