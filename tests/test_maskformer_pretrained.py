@@ -11,8 +11,8 @@ import timm
 import torch
 from hub_cache import make_hub_cache, use_hub_cache
 from safetensors.torch import load_file, save_file
-from tiny_backbones import BACKBONES, RESNET_FIELDS, build
 from timm.optim import create_optimizer_v2, param_groups_layer_decay
+from tiny_backbones import BACKBONES, RESNET_FIELDS, build
 from torch import nn
 
 from timm_backbone import MaskFormerConfig, MaskFormerForInstanceSegmentation, ResNetConfig, TimmBackboneConfig
@@ -70,16 +70,21 @@ def test_hub_id_of_a_classification_model_loads_its_backbone(tmp_path, monkeypat
     make_hub_cache(tmp_path / "hub", "org/tiny-resnet", tmp_path / "src")
     use_hub_cache(monkeypatch, tmp_path / "hub")
     torch.manual_seed(0)
+    controls = {"frozen_stages": 1, "norm_eval": True}
     model = MaskFormerForInstanceSegmentation(
-        MaskFormerConfig(backbone="org/tiny-resnet", use_pretrained_backbone=True, **HEADS)
+        MaskFormerConfig(backbone="org/tiny-resnet", use_pretrained_backbone=True, backbone_kwargs=controls, **HEADS)
     )
+    assert not any(p.requires_grad for p in model.backbone.encoder.stages[0].parameters())
+    assert model.backbone.encoder.stages[1].layers[0].layer[0].normalization.training is False
     _assert_backbone_holds(model, weights, lambda k: "resnet." + k)
     report = model.backbone_load_report
     assert report.ok  # the classifier is ignored: ResNetBackbone.ignore_unexpected
     assert set(report.loaded_keys) == set(model.backbone.state_dict())
     # the head stays random: the same as without pretrained weights under the same seed
     torch.manual_seed(0)
-    random = MaskFormerForInstanceSegmentation(MaskFormerConfig(backbone="org/tiny-resnet", **HEADS))
+    random = MaskFormerForInstanceSegmentation(
+        MaskFormerConfig(backbone="org/tiny-resnet", backbone_kwargs=controls, **HEADS)
+    )
     assert random.backbone_load_report is None
     for (name, a), b in zip(model.named_parameters(), random.parameters()):
         if not name.startswith("model.pixel_level_module.encoder."):
@@ -198,3 +203,19 @@ def test_maskformer_layer_decay_puts_the_head_last(name):
     head = [p for n, p in model.named_parameters() if "encoder." not in n and p.requires_grad]
     assert head and all(scale[id(p)] == 1.0 for p in head)
     assert {f"model.pixel_level_module.encoder.{n}" for n in backbone.no_weight_decay()} == model.no_weight_decay()
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_maskformer_checkpoint_loads_with_other_num_channels(channels, tmp_path):
+    from timm.models import adapt_input_conv
+
+    model = _maskformer("resnet")
+    model.save_pretrained(tmp_path)
+    config = MaskFormerConfig.from_pretrained(tmp_path)
+    config.backbone_config.num_channels = channels
+    loaded = MaskFormerForInstanceSegmentation.from_pretrained(tmp_path, config=config)
+    key = "model.pixel_level_module.encoder.embedder.embedder.convolution.weight"
+    expected = adapt_input_conv(channels, model.state_dict()[key])
+    torch.testing.assert_close(loaded.state_dict()[key], expected, rtol=0, atol=0)
+    assert loaded.load_report.ok
+    assert loaded(torch.randn(1, channels, 64, 64)).class_queries_logits.shape == (1, 5, 4)

@@ -275,6 +275,11 @@ class BackboneMixin:
         frozen = self._frozen_stages()
         if (selection, frozen) == self._applied_selection:
             return
+        if frozen >= 0 and not self.stage_parameters(0):
+            raise ValueError(
+                f"{type(self).__name__} cannot freeze stages: it does not know which modules compute them; "
+                f"freeze parameters by hand (requires_grad_(False))"
+            )
         deepest = max(selection)
         if deepest >= self.num_built_stages:
             built = self.num_built_stages - 1
@@ -307,11 +312,6 @@ class BackboneMixin:
             choices = ", ".join(f"{i}: {name!r}" for i, name in enumerate(self.stage_names))
             raise ValueError(
                 f"frozen_stages {frozen} is out of range: -1 freezes nothing, k freezes stages 0..k of {{{choices}}}"
-            )
-        if frozen >= 0 and not self.stage_parameters(0) and any(True for _ in self.parameters()):
-            raise ValueError(
-                f"{type(self).__name__} cannot freeze stages: it does not know which modules compute them; "
-                f"freeze parameters by hand (requires_grad_(False))"
             )
         return frozen
 

@@ -178,15 +178,8 @@ class ResNetConvLayer(nn.Module):
         dilation: int = 1,
     ) -> None:
         super().__init__()
-        self.convolution = nn.Conv2d(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride=stride,
-            padding=dilation * (kernel_size // 2),
-            dilation=dilation,
-            bias=False,
-        )
+        padding = dilation * (kernel_size // 2)
+        self.convolution = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=False)
         self.normalization = nn.BatchNorm2d(out_channels)
         self.activation = _activation(activation)
 
