@@ -62,7 +62,9 @@ class TimmBackboneConfig(BackboneConfigMixin, PretrainedConfig):
         freeze_batch_norm_2d: Replace BatchNorm layers with frozen ones (detection fine-tuning).
         output_stride: Dilate the last stages for this total stride (8, 16), where the model supports it.
         model_args: Further keyword arguments for ``timm.create_model`` (``img_size``, ``drop_path_rate``...).
-        **kwargs: Keyword arguments that are not config fields are added to ``model_args``.
+        **kwargs: Keyword arguments that are not config fields are added to ``model_args``; the fine-tuning fields
+            ``frozen_stages`` and ``norm_eval`` (see :class:`~timm_backbone.configuration.BackboneConfigMixin`) stay
+            on the config.
     """
 
     model_type = "timm_backbone"
