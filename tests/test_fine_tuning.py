@@ -279,24 +279,25 @@ def test_saved_folder_loads_with_other_num_channels(name, channels, tmp_path):
     assert loaded(torch.randn(1, channels, size, size)).feature_maps[0].shape[1] == model.channels[0]
 
 
-@pytest.mark.parametrize("channels", [1, 4])
-def test_native_resnet_from_timm_checkpoint_adapts_like_timm(channels, tmp_path):
+def test_native_resnet_from_timm_checkpoint_adapts_like_timm(tmp_path):
     from safetensors.torch import save_file
 
     rgb = timm.create_model("resnet18").eval()
     save_file({k: v.contiguous() for k, v in rgb.state_dict().items()}, tmp_path / "w.safetensors")
-    config = ResNetConfig.from_timm("resnet18", in_chans=channels, out_indices=[1, 2, 3, 4])
-    assert config.num_channels == channels
-    ours = ResNetBackbone.from_pretrained(tmp_path / "w.safetensors", config=config)
     overlay = {"state_dict": rgb.state_dict(), "source": "", "hf_hub_id": None, "url": None, "file": None}
-    theirs = timm.create_model(
-        "resnet18", in_chans=channels, pretrained=True, pretrained_cfg_overlay=overlay, features_only=True,
-        out_indices=(1, 2, 3, 4),
-    ).eval()  # fmt: skip
-    x = torch.randn(1, channels, 64, 64)
-    with torch.no_grad():
-        for a, b in zip(ours(x).feature_maps, theirs(x)):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for channels in (1, 4):
+        config = ResNetConfig.from_timm("resnet18", in_chans=channels, out_indices=[1, 2, 3, 4])
+        assert config.num_channels == channels
+        ours = ResNetBackbone.from_pretrained(tmp_path / "w.safetensors", config=config)
+        theirs = timm.create_model("resnet18", in_chans=channels, pretrained=True, pretrained_cfg_overlay=overlay)
+        torch.testing.assert_close(
+            ours.embedder.embedder.convolution.weight.detach(), theirs.conv1.weight.detach(), rtol=0, atol=0
+        )
+        x = torch.randn(1, channels, 64, 64)
+        with torch.no_grad():
+            expected = theirs.eval().forward_intermediates(x, indices=[1, 2, 3, 4], intermediates_only=True)
+            for a, b in zip(ours(x).feature_maps, expected):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("channels", [1, 4])
@@ -320,25 +321,33 @@ def test_resnet_from_timm_rejects_other_architecture_arguments():
 
 
 # output_stride ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layer_type", ["bottleneck", "basic"])
 @pytest.mark.parametrize("output_stride, strides", [(16, [4, 8, 16, 16]), (8, [4, 8, 8, 8])])
-def test_resnet_output_stride_matches_timm(output_stride, strides):
+def test_resnet_output_stride_matches_timm(layer_type, output_stride, strides):
+    from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+
     from timm_backbone.models.resnet import resnet_transformers_to_timm
 
-    config = ResNetConfig.from_timm("resnet26", output_stride=output_stride, out_indices=[1, 2, 3, 4])
+    expansion = 4 if layer_type == "bottleneck" else 1
+    config = ResNetConfig(
+        embedding_size=64, hidden_sizes=[8 * expansion * 2**i for i in range(4)], depths=[2, 2, 2, 2],
+        layer_type=layer_type, output_stride=output_stride, out_indices=[1, 2, 3, 4],
+    )  # fmt: skip
     ours = ResNetBackbone(config).eval()
     assert ours.strides == strides
-    theirs = timm.create_model("resnet26", output_stride=output_stride, features_only=True, out_indices=(1, 2, 3, 4))
-    theirs.eval()
-    theirs.load_state_dict(
-        {k: v for k, v in resnet_transformers_to_timm(ours.state_dict()).items() if not k.startswith("fc.")}
-    )
+    theirs = ResNet(
+        BasicBlock if layer_type == "basic" else Bottleneck, (2, 2, 2, 2), channels=(8, 16, 32, 64),
+        output_stride=output_stride, num_classes=0,
+    ).eval()  # fmt: skip
+    theirs.load_state_dict(resnet_transformers_to_timm(ours.state_dict()))
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        for a, b, stride in zip(ours(x).feature_maps, theirs(x), strides):
+        expected = theirs.forward_intermediates(x, indices=[1, 2, 3, 4], intermediates_only=True)
+        for a, b, stride in zip(ours(x).feature_maps, expected, strides):
             assert a.shape[-1] == 64 // stride
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         ours.optimize_for_inference()  # the folded path keeps the dilation
-        for a, b in zip(ours(x).feature_maps, theirs(x)):
+        for a, b in zip(ours(x).feature_maps, expected):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
