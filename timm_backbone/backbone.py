@@ -275,7 +275,7 @@ class BackboneMixin:
         frozen = self._frozen_stages()
         if (selection, frozen) == self._applied_selection:
             return
-        if frozen >= 0 and not self.stage_parameters(0):
+        if frozen >= 0 and not self.stage_modules(0):
             raise ValueError(
                 f"{type(self).__name__} cannot freeze stages: it does not know which modules compute them; "
                 f"freeze parameters by hand (requires_grad_(False))"
