@@ -189,7 +189,7 @@ class BackboneMixin:
         self.num_features = list(num_features)
         self.stage_strides = list(stage_strides)
         self.num_built_stages = len(stage_names) if num_built_stages is None else num_built_stages
-        self._applied_selection: tuple[int, ...] = ()
+        self._applied_selection: tuple = ()  # (out_indices, frozen_stages) last applied
         self.sync_selection()
 
     # the forward pass ---------------------------------------------------------------------------------------------
@@ -255,21 +255,31 @@ class BackboneMixin:
         """Modules applied to stage ``index`` only when it is selected (Swin's stage norms)."""
         return []
 
-    def sync_selection(self) -> None:
-        """Apply the config's selection: check it against the stages the model holds, and make the stages up to the
-        deepest selected one (and the output modules of the selected ones) trainable, the others not, so that
-        ``DistributedDataParallel`` needs no ``find_unused_parameters``.
+    def stage_parameters(self, index: int) -> list[torch.nn.Parameter]:
+        """The parameters that compute stage ``index``: those of :meth:`stage_modules` (families add loose ones)."""
+        return [p for module in self.stage_modules(index) for p in module.parameters()]
 
-        Runs at construction, when the model's selection setters are used, and at each forward (the config may have
-        been changed directly). Only the stages whose role changed are touched, so parameters frozen by hand stay
-        frozen.
+    def sync_selection(self) -> None:
+        """Apply the config's selection and ``frozen_stages``: check them against the stages the model holds, and
+        make the stages after the frozen ones up to the deepest selected one (and the output modules of the selected
+        ones) trainable, the others not, so that ``DistributedDataParallel`` needs no ``find_unused_parameters``.
+
+        This is the one place that decides which stages train. It runs at construction, when the model's selection
+        setters or :meth:`freeze_stages` are used, and at each forward (the config may have been changed directly).
+        Only the stages whose role changed are touched, so parameters frozen by hand stay frozen.
 
         Raises:
-            ValueError: a stage deeper than the model holds is selected.
+            ValueError: a stage deeper than the model holds is selected, or ``frozen_stages`` is out of range.
         """
         selection = tuple(self.config.out_indices)
-        if selection == self._applied_selection:
+        frozen = self._frozen_stages()
+        if (selection, frozen) == self._applied_selection:
             return
+        if frozen >= 0 and not self.stage_modules(0):
+            raise ValueError(
+                f"{type(self).__name__} cannot freeze stages: it does not know which modules compute them; "
+                f"freeze parameters by hand (requires_grad_(False))"
+            )
         deepest = max(selection)
         if deepest >= self.num_built_stages:
             built = self.num_built_stages - 1
@@ -278,18 +288,87 @@ class BackboneMixin:
                 f"built with stages 0..{built} only (up to {self.stage_names[built]!r}); select within those, or "
                 f"build it with the deeper selection (from_pretrained(src, out_indices=[..., {deepest}]))"
             )
-        before = self._applied_selection
+        before, old_frozen = self._applied_selection or ((), -1)
         old_deepest = max(before) if before else None
         for i in range(self.num_built_stages):
-            needed = i <= deepest
-            if old_deepest is None or needed != (i <= old_deepest):
-                for module in self.stage_modules(i):
-                    module.requires_grad_(needed)
-            selected = i in selection
-            if not before or selected != (i in before):
+            trains = frozen < i <= deepest
+            if old_deepest is None or trains != (old_frozen < i <= old_deepest):
+                for param in self.stage_parameters(i):
+                    param.requires_grad_(trains)
+            selected = i in selection and i > frozen
+            if not before or selected != (i in before and i > old_frozen):
                 for module in self.output_modules(i):
                     module.requires_grad_(selected)
-        self._applied_selection = selection
+        self._applied_selection = (selection, frozen)
+
+    # fine-tuning controls -----------------------------------------------------------------------------------------
+    def _frozen_stages(self) -> int:
+        """The config's ``frozen_stages``, validated (-1: none; ``k``: stages ``0..k``, index 0 being the stem)."""
+        frozen = getattr(self.config, "frozen_stages", -1)
+        last = len(self.stage_names) - 1
+        if isinstance(frozen, bool) or not isinstance(frozen, int):
+            raise TypeError(f"frozen_stages must be an int (-1 for none, 0..{last}), got {frozen!r}")
+        if not -1 <= frozen <= last:
+            choices = ", ".join(f"{i}: {name!r}" for i, name in enumerate(self.stage_names))
+            raise ValueError(
+                f"frozen_stages {frozen} is out of range: -1 freezes nothing, k freezes stages 0..k of {{{choices}}}"
+            )
+        return frozen
+
+    def freeze_stages(self, frozen_stages: int) -> None:
+        """Freeze stages ``0..frozen_stages`` (mmdetection's ``frozen_stages``: -1 none, 0 the stem, ``k`` the stem
+        and stages 1..k): their parameters get ``requires_grad=False`` and their BatchNorm layers stay in eval mode
+        in ``train()``. Sets ``config.frozen_stages``, so a saved config keeps it; a smaller value unfreezes.
+
+        Raises:
+            ValueError, TypeError: not an int in ``-1..len(stage_names) - 1``; the previous value stays.
+        """
+        previous = getattr(self.config, "frozen_stages", -1)
+        self.config.frozen_stages = frozen_stages
+        try:
+            self.sync_selection()
+        except (ValueError, TypeError):
+            self.config.frozen_stages = previous
+            raise
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> Any:
+        """``nn.Module.train``, except that BatchNorm layers stay in eval mode (statistics frozen) in the frozen
+        stages (``config.frozen_stages``) and, with ``config.norm_eval``, everywhere in the backbone."""
+        super().train(mode)
+        if not mode or not hasattr(self, "stage_names"):  # before init_stages nothing is known about stages
+            return self
+        if getattr(self.config, "norm_eval", False):
+            modules: Iterable[torch.nn.Module] = [self]
+        else:
+            frozen = self._frozen_stages()
+            modules = [m for i in range(min(frozen + 1, self.num_built_stages)) for m in self.stage_modules(i)]
+        for module in modules:
+            for norm in module.modules():
+                if isinstance(norm, torch.nn.modules.batchnorm._BatchNorm):
+                    norm.eval()
+        return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute activations in the backward pass instead of storing them (implemented by each family).
+
+        Raises:
+            ValueError: the backbone cannot checkpoint.
+        """
+        raise ValueError(f"{type(self).__name__} does not support gradient checkpointing")
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """Turn gradient checkpointing on (transformers' name for :meth:`set_grad_checkpointing`); training then
+        stores the inputs of each block only and recomputes the rest in the backward pass. Gradients are unchanged.
+
+        Raises:
+            ValueError: the backbone cannot checkpoint.
+        """
+        self.set_grad_checkpointing(True)
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Turn gradient checkpointing off."""
+        self.set_grad_checkpointing(False)
 
     # stage bookkeeping --------------------------------------------------------------------------------------------
     @property

@@ -170,9 +170,17 @@ def _jsonable(value: Any) -> Any:
 
 
 class BackboneConfigMixin:
-    """Stage selection on a config; ``stage_names`` is derived by the subclass (or set once the model knows it)."""
+    """Stage selection on a config; ``stage_names`` is derived by the subclass (or set once the model knows it).
+
+    Every backbone config also takes the fine-tuning fields (keyword arguments, saved in ``config.json`` when set):
+    ``frozen_stages`` (-1: none; ``k``: stages ``0..k`` get ``requires_grad=False`` and their BatchNorm layers stay
+    in eval mode, mmdetection's meaning with index 0 the stem) and ``norm_eval`` (every BatchNorm of the backbone
+    stays in eval mode in ``train()``; its affine terms still train).
+    """
 
     stage_names: list[str] | None
+    frozen_stages: int = -1  # defaults for configs that were not given them
+    norm_eval: bool = False
 
     def _init_stage_selection(self, out_features: Any, out_indices: Any) -> None:
         self._out_features, self._out_indices = out_features, out_indices
@@ -231,7 +239,10 @@ class NativeBackboneConfigMixin(BackboneConfigMixin):
     def _prepare_dict(cls, config_dict: dict[str, Any]) -> dict[str, Any]:
         if "architecture" in config_dict and "model_type" not in config_dict:  # a timm hub repo's config.json
             timm_dict = {k: config_dict.pop(k) for k in TIMM_CONFIG_KEYS if k in config_dict}
-            return {**cls.timm_fields(timm_dict["architecture"], **timm_dict.get("model_args", {})), **config_dict}
+            # timm.create_model's in_chans given beside the name (from_timm(name, in_chans=4)) is a model argument
+            model_args = {**timm_dict.get("model_args", {}), **{k: config_dict.pop(k) for k in ("in_chans",) if k in
+                          config_dict}}  # fmt: skip
+            return {**cls.timm_fields(timm_dict["architecture"], **model_args), **config_dict}
         return config_dict
 
     @classmethod

@@ -27,6 +27,7 @@ class LoadReport:
     unexpected_keys: list[str] = field(default_factory=list)
     mismatched_keys: list[tuple[str, tuple, tuple]] = field(default_factory=list)
     source: str = ""
+    loaded_keys: list[str] = field(default_factory=list)  # the model's keys that took the file's values
 
     @property
     def ok(self) -> bool:
@@ -135,6 +136,12 @@ class PreTrainedModel(nn.Module):
         """Map a foreign checkpoint layout to this model's keys; the default keeps it as it is."""
         return state_dict
 
+    def input_conv_keys(self) -> tuple[str, ...]:
+        """This model's keys of the convolution weights that read the input image. A checkpoint whose weights there
+        have another input channel count (3 for an RGB checkpoint, the model ``num_channels != 3``) is adapted on
+        load by timm's ``adapt_input_conv`` rule."""
+        return ()
+
     @classmethod
     def from_pretrained(
         cls,
@@ -196,6 +203,7 @@ class PreTrainedModel(nn.Module):
         state_dict = self.convert_state_dict(dict(state_dict), self.config)
         own = self.state_dict()
         state_dict = match_prefix(state_dict, own, self.checkpoint_prefixes)
+        state_dict = adapt_input_convs(state_dict, own, self.input_conv_keys())
         report = LoadReport(source=source)
         report.missing_keys = [k for k in own if k not in state_dict and not _matches(k, self.missing_ok())]
         report.unexpected_keys = [k for k in state_dict if k not in own and not _matches(k, self.ignore_unexpected)]
@@ -207,10 +215,32 @@ class PreTrainedModel(nn.Module):
         if report.mismatched_keys or (strict and not report.ok):
             raise ValueError(f"checkpoint does not fit {type(self).__name__}: {report}")
         self.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
+        report.loaded_keys = [k for k in own if k in state_dict]
         if not report.ok:
             logger.warning("%s: %s", type(self).__name__, report)
         self.load_report = report
         return report
+
+
+def adapt_input_convs(
+    state_dict: dict[str, torch.Tensor], own: dict[str, torch.Tensor], keys: Iterable[str]
+) -> dict[str, torch.Tensor]:
+    """Adapt the input convolutions ``keys`` of a checkpoint to the model's input channel count with timm's
+    ``adapt_input_conv`` (1 channel: the RGB kernels summed; ``n``: repeated and scaled by ``3 / n``). Weights that
+    differ otherwise, or that timm's rule cannot convert, are left for the shape check to report."""
+    from timm.models import adapt_input_conv
+
+    for key in keys:
+        have, want = state_dict.get(key), own.get(key)
+        if have is None or want is None or have.dim() != 4 or have.shape[1] == want.shape[1]:
+            continue
+        if have.shape[0] != want.shape[0] or have.shape[2:] != want.shape[2:]:
+            continue
+        try:
+            state_dict[key] = adapt_input_conv(want.shape[1], have)
+        except NotImplementedError:  # timm converts from 3 channels (or multiples of 3 to 1) only
+            continue
+    return state_dict
 
 
 def _matches(key: str, patterns: tuple[str, ...]) -> bool:

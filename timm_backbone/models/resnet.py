@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..auto import ModelFamily, register_family
 from ..backbone import BackboneMixin
@@ -63,6 +64,9 @@ class ResNetConfig(NativeBackboneConfigMixin, PretrainedConfig):
         downsample_in_first_stage: Stride 2 in the first stage as well.
         downsample_in_bottleneck: Put a bottleneck's stride on its first 1x1 conv instead of the 3x3 (v1 vs v1.5).
         freeze_batch_norm_2d: Use frozen BatchNorm (fixed statistics and affine terms), for detection fine-tuning.
+        output_stride: Total stride of the last stage: 32 (``None``, the default), 16 or 8. Below 32 the last stages
+            keep their resolution and dilate their 3x3 convolutions instead (DeepLab style, as timm's
+            ``output_stride``); not a transformers field (transformers builds stride 32).
         out_features: Stages to output by name (``stem``, ``stage1``...).
         out_indices: Stages to output by index (0 is the stem).
         **kwargs: Further fields, kept and written back to ``config.json``.
@@ -83,6 +87,7 @@ class ResNetConfig(NativeBackboneConfigMixin, PretrainedConfig):
         freeze_batch_norm_2d: bool = False,
         out_features: list[str] | None = None,
         out_indices: list[int] | tuple[int, ...] | None = None,
+        output_stride: int | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.pop("stage_names", None)  # derived from depths
@@ -103,6 +108,10 @@ class ResNetConfig(NativeBackboneConfigMixin, PretrainedConfig):
         self.downsample_in_first_stage = downsample_in_first_stage
         self.downsample_in_bottleneck = downsample_in_bottleneck
         self.freeze_batch_norm_2d = freeze_batch_norm_2d
+        if output_stride not in (None, 8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32 (None: 32), got {output_stride!r}")
+        if output_stride is not None:  # written to config.json only when set: transformers has no such field
+            self.output_stride = output_stride
         self._init_stage_selection(out_features, out_indices)
 
     @staticmethod
@@ -166,11 +175,11 @@ class ResNetConvLayer(nn.Module):
         kernel_size: int = 3,
         stride: int = 1,
         activation: str | None = "relu",
+        dilation: int = 1,
     ) -> None:
         super().__init__()
-        self.convolution = nn.Conv2d(
-            in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False
-        )
+        padding = dilation * (kernel_size // 2)
+        self.convolution = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=False)
         self.normalization = nn.BatchNorm2d(out_channels)
         self.activation = _activation(activation)
 
@@ -201,6 +210,9 @@ class ResNetBlock(nn.Module):
         layer_type: ``"basic"`` or ``"bottleneck"``.
         activation: Activation after the residual sum.
         downsample_in_bottleneck: Stride on the bottleneck's first 1x1 conv instead of its 3x3.
+        dilation: Dilation of the 3x3 convolutions (``output_stride`` below 32).
+        first_dilation: Dilation of the first 3x3 convolution (timm's rule: the previous stage's dilation); defaults
+            to ``dilation``.
     """
 
     def __init__(
@@ -211,21 +223,24 @@ class ResNetBlock(nn.Module):
         layer_type: str = "bottleneck",
         activation: str = "relu",
         downsample_in_bottleneck: bool = False,
+        dilation: int = 1,
+        first_dilation: int | None = None,
     ) -> None:
         super().__init__()
+        first_dilation = dilation if first_dilation is None else first_dilation
         needs_projection = in_channels != out_channels or stride != 1
         self.shortcut = ResNetShortCut(in_channels, out_channels, stride) if needs_projection else nn.Identity()
         if layer_type == "basic":
             layers = [
-                ResNetConvLayer(in_channels, out_channels, stride=stride),
-                ResNetConvLayer(out_channels, out_channels, activation=None),
+                ResNetConvLayer(in_channels, out_channels, stride=stride, dilation=first_dilation),
+                ResNetConvLayer(out_channels, out_channels, activation=None, dilation=dilation),
             ]
         else:
             mid = out_channels // 4
             first_stride, mid_stride = (stride, 1) if downsample_in_bottleneck else (1, stride)
             layers = [
                 ResNetConvLayer(in_channels, mid, kernel_size=1, stride=first_stride),
-                ResNetConvLayer(mid, mid, stride=mid_stride),
+                ResNetConvLayer(mid, mid, stride=mid_stride, dilation=first_dilation),
                 ResNetConvLayer(mid, out_channels, kernel_size=1, activation=None),
             ]
         self.layer = nn.Sequential(*layers)
@@ -237,16 +252,32 @@ class ResNetBlock(nn.Module):
 
 
 class ResNetStage(nn.Module):
-    """``depth`` blocks; the first one changes channels and stride."""
+    """``depth`` blocks; the first one changes channels and stride. With ``grad_checkpointing`` (training only) each
+    block's activations are recomputed in the backward pass."""
 
-    def __init__(self, in_channels: int, out_channels: int, depth: int, stride: int, **block_kwargs: Any) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        depth: int,
+        stride: int,
+        dilation: int = 1,
+        first_dilation: int | None = None,
+        **block_kwargs: Any,
+    ) -> None:
         super().__init__()
         self.layers = nn.Sequential(
-            ResNetBlock(in_channels, out_channels, stride, **block_kwargs),
-            *[ResNetBlock(out_channels, out_channels, 1, **block_kwargs) for _ in range(depth - 1)],
-        )
+            ResNetBlock(in_channels, out_channels, stride, dilation=dilation, first_dilation=first_dilation,
+                        **block_kwargs),
+            *[ResNetBlock(out_channels, out_channels, 1, dilation=dilation, **block_kwargs) for _ in range(depth - 1)],
+        )  # fmt: skip
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            for block in self.layers:
+                x = checkpoint(block, x, use_reentrant=False)
+            return x
         return self.layers(x)
 
 
@@ -272,11 +303,37 @@ class ResNetEncoder(nn.Module):
             layer_type=config.layer_type, activation=config.hidden_act,
             downsample_in_bottleneck=config.downsample_in_bottleneck,
         )  # fmt: skip
-        strides = [2 if i > 0 or config.downsample_in_first_stage else 1 for i in range(len(config.depths))]
+        strides, dilations = stage_strides_and_dilations(config)
         self.stages = nn.ModuleList(
-            ResNetStage(channels[i], channels[i + 1], depth, strides[i], **block_kwargs)
+            ResNetStage(
+                channels[i],
+                channels[i + 1],
+                depth,
+                strides[i],
+                dilation=dilations[i],
+                first_dilation=dilations[i - 1] if i else 1,
+                **block_kwargs,
+            )
             for i, depth in enumerate(config.depths)
         )
+
+
+def stage_strides_and_dilations(config: ResNetConfig) -> tuple[list[int], list[int]]:
+    """Each stage's own stride and dilation. Once the total stride reaches ``output_stride``, later stages keep the
+    resolution and multiply the dilation by the stride they skip (timm's rule, DeepLab's dilated ResNet)."""
+    output_stride = getattr(config, "output_stride", None)
+    net_stride, dilation = 4, 1
+    strides, dilations = [], []
+    for i in range(len(config.depths)):
+        stride = 2 if i > 0 or config.downsample_in_first_stage else 1
+        if output_stride is not None and net_stride >= output_stride:
+            dilation *= stride
+            stride = 1
+        else:
+            net_stride *= stride
+        strides.append(stride)
+        dilations.append(dilation)
+    return strides, dilations
 
 
 # inference path --------------------------------------------------------------------------------------------------
@@ -424,8 +481,9 @@ class ResNetBackbone(BackboneMixin, PreTrainedModel):
 
     def __init__(self, config: ResNetConfig) -> None:
         super().__init__(config)
-        first = 8 if config.downsample_in_first_stage else 4
-        strides = [4] + [first * 2**i for i in range(len(config.depths))]
+        strides = [4]
+        for stride in stage_strides_and_dilations(config)[0]:
+            strides.append(strides[-1] * stride)
         self.embedder = ResNetEmbeddings(config.num_channels, config.embedding_size, config.hidden_act)
         self.encoder = ResNetEncoder(config)
         for module in self.modules():
@@ -440,6 +498,28 @@ class ResNetBackbone(BackboneMixin, PreTrainedModel):
 
     def stage_modules(self, index: int) -> list[nn.Module]:
         return [self.embedder if index == 0 else self.encoder.stages[index - 1]]
+
+    # fine-tuning -------------------------------------------------------------------------------------------------
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each residual block's activations in the backward pass instead of storing them. BatchNorm in
+        training mode then updates its running statistics twice per step (as in timm and transformers)."""
+        for stage in self.encoder.stages:
+            stage.grad_checkpointing = enable
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
+        """timm's parameter grouping (layer-wise learning-rate decay): the stem, then each block (each stage when
+        ``coarse``), as timm's ResNet."""
+        return dict(
+            stem=r"^embedder\.",
+            blocks=r"^encoder\.stages\.(\d+)" if coarse else r"^encoder\.stages\.(\d+)\.layers\.(\d+)",
+        )
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters to train without weight decay beyond biases and norms: none (as timm's ResNet)."""
+        return set()
+
+    def input_conv_keys(self) -> tuple[str, ...]:
+        return ("embedder.embedder.convolution.weight",)
 
     @property
     def min_input_size(self) -> int:

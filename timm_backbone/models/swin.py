@@ -8,6 +8,7 @@ mask as one cached additive mask.
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from collections.abc import Callable
 from functools import lru_cache
@@ -548,11 +549,35 @@ class SwinBackbone(BackboneMixin, PreTrainedModel):
         for stage in self.layers:
             stage.grad_checkpointing = enable
 
-    def gradient_checkpointing_enable(self, **_: Any) -> None:
-        self.set_grad_checkpointing(True)
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], tuple[float, ...]]:
+        """timm's Swin parameter grouping (layer-wise learning-rate decay), as a function of parameter names: the
+        patch embedding, then each block (each stage when ``coarse``); a patch merging goes with the stage it feeds
+        (timm holds it at that stage's start, transformers at the previous one's end); the output norms join the
+        last block, as timm's final norm."""
 
-    def gradient_checkpointing_disable(self) -> None:
-        self.set_grad_checkpointing(False)
+        def ordinal(name: str) -> tuple[float, ...]:
+            if name.startswith("patch_embed."):
+                return (0.0,)
+            match = re.match(r"layers\.(\d+)\.(?:blocks\.(\d+)|downsample)\.", name)
+            if match:
+                stage = int(match[1]) + (match[2] is None)
+                return (1.0, float(stage)) if coarse else (1.0, float(stage), float(match[2] or 0))
+            if name.startswith("hidden_states_norms.") and not coarse:
+                return (1.0, 99999.0)  # timm's MATCH_PREV_GROUP: joins the group before it
+            return (float("inf"),)
+
+        return ordinal
+
+    def no_weight_decay(self) -> set[str]:
+        """The relative position bias tables and absolute position embeddings (timm's Swin and ViT rule)."""
+        return {
+            name
+            for name, _ in self.named_parameters()
+            if "relative_position_bias_table" in name or name.endswith("position_embeddings")
+        }
+
+    def input_conv_keys(self) -> tuple[str, ...]:
+        return ("patch_embed.proj.weight",)
 
     def set_fast_path(self, enable: bool = True) -> None:
         """Choose the fast path (default: ``scaled_dot_product_attention``, oneDNN linears with fused bias/GELU in

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Any
 
 import torch
-from timm.models._features import FeatureGetterNet
+from timm.models._features import FeatureDictNet, FeatureGetterNet, _module_list
 from torch import nn
 
 from ..auto import ModelFamily, register_family
 from ..backbone import BackboneMixin
 from ..configuration import BackboneConfigMixin, PretrainedConfig
 from ..hub import Source, check_timm_name, resolve_source
-from ..modeling import PreTrainedModel
+from ..modeling import LoadReport, PreTrainedModel
 
 # keys of config.json that describe the config itself, never arguments for timm.create_model
 _CONFIG_KEYS = {
@@ -40,6 +41,8 @@ _CONFIG_KEYS = {
     "pretrained_cfg",
     "use_bfloat16",
     "torchscript",
+    "frozen_stages",
+    "norm_eval",
 }
 
 
@@ -59,7 +62,9 @@ class TimmBackboneConfig(BackboneConfigMixin, PretrainedConfig):
         freeze_batch_norm_2d: Replace BatchNorm layers with frozen ones (detection fine-tuning).
         output_stride: Dilate the last stages for this total stride (8, 16), where the model supports it.
         model_args: Further keyword arguments for ``timm.create_model`` (``img_size``, ``drop_path_rate``...).
-        **kwargs: Keyword arguments that are not config fields are added to ``model_args``.
+        **kwargs: Keyword arguments that are not config fields are added to ``model_args``; the fine-tuning fields
+            ``frozen_stages`` and ``norm_eval`` (see :class:`~timm_backbone.configuration.BackboneConfigMixin`) stay
+            on the config.
     """
 
     model_type = "timm_backbone"
@@ -309,6 +314,129 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
                 f"model_args={{'dynamic_img_pad': True}})"
             )
 
+    # fine-tuning --------------------------------------------------------------------------------------------------
+    def stage_modules(self, index: int) -> list[nn.Module]:
+        """The modules that feed tap ``index`` from tap ``index - 1``, in timm's execution order.
+
+        Feature nets (``features_only``; timm's ``FeatureListNet``/``FeatureDictNet``) hold the model's top-level
+        children in order: tap ``k`` is the child timm returns as feature ``k``, and stage ``k`` is every child after
+        tap ``k - 1`` up to and including it (stage 0: ``conv1, bn1, act1`` for a ResNet; ``stem, stages_0`` for a
+        flattened net). Models read through ``forward_intermediates`` (ViTs) are walked the same way, descending
+        into containers that hold a tap: stage 0 of a ViT is ``patch_embed`` (and the position and class tokens,
+        see :meth:`stage_parameters`), ``pos_drop``, ``norm_pre`` and ``blocks.0``; stage ``k`` is ``blocks.k``.
+        Empty when timm's taps cannot be found among the modules (freezing then raises).
+        """
+        stages = self._stage_map()
+        return stages[index] if stages is not None and index < len(stages) else []
+
+    def stage_parameters(self, index: int) -> list[nn.Parameter]:
+        """As the base, and for models read through ``forward_intermediates`` the parameters held directly by the
+        model (ViT's ``pos_embed``, ``cls_token``, ``reg_token``) in stage 0: they feed the first tap."""
+        params = super().stage_parameters(index)
+        if index == 0 and self._getter is not None and params:
+            params += list(self._getter.parameters(recurse=False))
+        return params
+
+    def _stage_map(self) -> list[list[nn.Module]] | None:
+        if "_stages" not in self.__dict__:  # plain attribute: module lists must not register as submodules
+            self.__dict__["_stages"] = _tap_stages(
+                self._backbone if self._getter is None else self._getter, self.stage_names[: self.num_built_stages]
+            )
+        return self.__dict__["_stages"]
+
+    def _timm_model(self) -> nn.Module:
+        """The timm model whose ``group_matcher`` / ``no_weight_decay`` / parameter names apply: the held model for
+        ``forward_intermediates`` nets, otherwise a copy of the whole model built on the meta device."""
+        if self._getter is not None:
+            return self._getter
+        if "_reference" not in self.__dict__:
+            import timm
+
+            arch, kwargs = _create_args(self.config)
+            with torch.device("meta"):
+                self.__dict__["_reference"] = timm.create_model(arch, **kwargs)
+        return self.__dict__["_reference"]
+
+    def timm_parameter_names(self) -> dict[str, str]:
+        """This backbone's parameter names -> the names of the same parameters in the timm model (feature nets
+        rename flattened children: ``layers_0.`` is timm's ``layers.0.``)."""
+        if "_timm_names" in self.__dict__:
+            return self.__dict__["_timm_names"]
+        reference = self._timm_model()
+        prefix = "_backbone.model." if self._getter is not None and self._getter is not self._backbone else "_backbone."
+        renames: dict[str, str] = {}
+        if isinstance(self._backbone, FeatureDictNet):
+            for flatten in (False, True):
+                renames = {new: old for new, old, _ in _module_list(reference, flatten_sequential=flatten)}
+                if all(key in renames for key in self._backbone.keys()):
+                    break
+        known = {name for name, _ in reference.named_parameters()}
+        names = {}
+        for name, _ in self.named_parameters():
+            head, _, rest = name[len(prefix) :].partition(".")
+            timm_name = f"{renames.get(head, head)}.{rest}" if rest else renames.get(head, head)
+            if timm_name in known:
+                names[name] = timm_name
+        self.__dict__["_timm_names"] = names
+        return names
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's own ``set_grad_checkpointing``: per child of a feature net, per block of a ViT.
+
+        Raises:
+            ValueError: the timm model does not support it.
+        """
+        target = self._getter if self._getter is not None else self._backbone
+        try:
+            target.set_grad_checkpointing(enable)
+        except (AssertionError, NotImplementedError, AttributeError) as err:
+            raise ValueError(
+                f"timm model {self.config.backbone!r} does not support gradient checkpointing ({err or 'no support'})"
+            ) from err
+
+    def group_matcher(self, coarse: bool = False) -> Any:
+        """timm's parameter grouping of the model (its own ``group_matcher``, grouped by timm's
+        ``group_parameters``), as a function of this backbone's parameter names; parameters timm does not group
+        come last.
+
+        Raises:
+            ValueError: the timm model has no ``group_matcher``.
+        """
+        from timm.models import group_parameters
+
+        reference = self._timm_model()
+        try:
+            matcher = reference.group_matcher(coarse=coarse)
+        except (NotImplementedError, AttributeError) as err:
+            raise ValueError(f"timm model {self.config.backbone!r} has no group_matcher ({err})") from err
+        layer_of = group_parameters(reference, matcher, reverse=True)
+        names = self.timm_parameter_names()
+
+        def ordinal(name: str) -> tuple[float, ...]:
+            return (float(layer_of.get(names.get(name), float("inf"))),)
+
+        return ordinal
+
+    def no_weight_decay(self) -> set[str]:
+        """The parameters that timm's ``no_weight_decay()`` names for the model (``pos_embed``, ``cls_token``...),
+        under this backbone's names."""
+        reference = self._timm_model()
+        patterns = set(reference.no_weight_decay()) if hasattr(reference, "no_weight_decay") else set()
+        return {
+            ours
+            for ours, theirs in self.timm_parameter_names().items()
+            if any(fnmatch.fnmatch(theirs, pattern) for pattern in patterns)
+        }
+
+    def input_conv_keys(self) -> tuple[str, ...]:
+        """The weights of timm's ``pretrained_cfg["first_conv"]``, under this backbone's names."""
+        cfg = getattr(self._timm_model(), "pretrained_cfg", None) or {}
+        first = cfg.get("first_conv") or ()
+        first = {f"{name}.weight" for name in ((first,) if isinstance(first, str) else first)}
+        weights = {id(p) for n, p in self.named_parameters() if self.timm_parameter_names().get(n) in first}
+        # every name of those weights: forward_intermediates models are also registered as ``_getter``
+        return tuple(n for n, p in self.named_parameters(remove_duplicate=False) if id(p) in weights)
+
     # loading ------------------------------------------------------------------------------------------------------
     @classmethod
     def from_state_dict(
@@ -318,7 +446,39 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
         filters (classifier dropped, ``in_chans`` and position embeddings adapted)."""
         if any(k.startswith("_backbone.") for k in state_dict):
             return super().from_state_dict(config, state_dict, strict=strict, source=source)
-        return cls(config, timm_state_dict=state_dict).eval()
+        model = cls(config, timm_state_dict=state_dict).eval()
+        # timm loads the checkpoint strictly into the whole model before keeping the feature stages: every key of
+        # the backbone took the file's value (or timm's in_chans / position-embedding adaptation of it)
+        model.load_report = LoadReport(source=source, loaded_keys=list(model.state_dict()))
+        return model
+
+
+def _tap_stages(root: nn.Module, taps: list[str]) -> list[list[nn.Module]] | None:
+    """The modules computing each tap of ``root`` (see :meth:`TimmBackbone.stage_modules`), or ``None`` when a tap
+    is not among them."""
+    if isinstance(root, FeatureDictNet):
+        by_output = {int(v): k for k, v in root.return_layers.items()}
+        units = list(root.items())
+        tap_names = [by_output.get(i) for i in range(len(taps))]
+    else:
+        units = []
+
+        def walk(module: nn.Module, prefix: str) -> None:
+            for name, child in module.named_children():
+                path = prefix + name
+                if any(tap.startswith(path + ".") for tap in taps):
+                    walk(child, path + ".")
+                else:
+                    units.append((path, child))
+
+        walk(root, "")
+        tap_names = list(taps)
+    names = [name for name, _ in units]
+    if any(tap not in names for tap in tap_names):
+        return None
+    ends = [names.index(tap) for tap in tap_names]
+    starts = [0] + [end + 1 for end in ends[:-1]]
+    return [[module for _, module in units[a : b + 1]] for a, b in zip(starts, ends)]
 
 
 register_family(ModelFamily(name="timm", config_class=TimmBackboneConfig, backbone_class=TimmBackbone), exist_ok=True)

@@ -132,7 +132,10 @@ class MaskFormerConfig(PretrainedConfig):
         output_auxiliary_logits: Return the per-layer logits by default.
         backbone: Instead of ``backbone_config``: a timm model name, or a folder / hub id of a backbone.
         use_timm_backbone: Read ``backbone`` as a timm model name.
-        use_pretrained_backbone: Kept for ``config.json`` compatibility; configs never download weights.
+        use_pretrained_backbone: Build the model with the backbone's pretrained weights, read from where the
+            backbone config came from (``backbone``'s timm name, folder or hub id; a ``backbone_config`` loaded with
+            ``from_pretrained``; a ``TimmBackboneConfig``'s timm name), from the hub cache when offline. The config
+            itself never downloads; saved models write ``false`` (their file holds the backbone's weights).
         backbone_kwargs: Field overrides for the config that ``backbone`` names (``out_indices``...).
         **kwargs: ``num_labels`` / ``id2label`` and any other field, kept as attributes.
     """

@@ -86,7 +86,12 @@ class MaskFormerPixelLevelModule(nn.Module):
         from ...auto import AutoBackbone
 
         select_multiscale_stages(config.backbone_config)
-        self.encoder = AutoBackbone.from_config(config.backbone_config)
+        if config.use_pretrained_backbone:
+            # the backbone's weights from its source (the hub cache when offline); the pixel decoder stays random
+            source = pretrained_backbone_source(config.backbone_config)
+            self.encoder = AutoBackbone.from_pretrained(source, config=config.backbone_config).train(self.training)
+        else:
+            self.encoder = AutoBackbone.from_config(config.backbone_config)
         strides = list(self.encoder.strides)
         if strides != sorted(strides):
             raise ValueError(f"the backbone's selected stages must go from fine to coarse; their strides are {strides}")
@@ -102,6 +107,24 @@ class MaskFormerPixelLevelModule(nn.Module):
         features = tuple(self.encoder(pixel_values, return_dict=True).feature_maps)
         pixel_embeddings, fpn_maps = self.decoder(features)
         return features, pixel_embeddings, fpn_maps
+
+
+def pretrained_backbone_source(backbone_config: Any) -> str:
+    """Where ``use_pretrained_backbone=True`` reads the backbone's weights: the folder or hub id the backbone config
+    was loaded from (``MaskFormerConfig(backbone=...)``, ``XConfig.from_pretrained(...)``), else the timm name of a
+    :class:`TimmBackboneConfig`.
+
+    Raises:
+        ValueError: the config says nothing about where its weights are.
+    """
+    source = getattr(backbone_config, "name_or_path", "") or getattr(backbone_config, "backbone", None)
+    if not source:
+        raise ValueError(
+            f"use_pretrained_backbone=True, but the {type(backbone_config).__name__} does not say where its weights "
+            f"are; pass backbone='<timm name, folder or hub id>', or a backbone_config from "
+            f"{type(backbone_config).__name__}.from_pretrained('<folder or hub id>')"
+        )
+    return str(source)
 
 
 def select_multiscale_stages(backbone_config: Any) -> None:
@@ -190,6 +213,75 @@ class _MaskFormerWeights:
             converted = {k: v for k, v in converted.items() if k in own or not any(re.search(p, k) for p in ignored)}
             rest.update({f"{head}{ENCODER}{k}": v for k, v in converted.items()})
         return PreTrainedModel.load_checkpoint(self, rest, strict=strict, source=source)
+
+    # pretrained backbone and fine-tuning -----------------------------------------------------------------------
+    @classmethod
+    def from_state_dict(
+        cls, config: MaskFormerConfig, state_dict: dict[str, torch.Tensor], strict: bool = False, source: str = ""
+    ) -> PreTrainedModel:
+        """As the base; the checkpoint holds the backbone's weights, so ``use_pretrained_backbone`` does not load
+        them from the backbone's source first (a saved model reloads without it)."""
+        flag = config.use_pretrained_backbone
+        config.use_pretrained_backbone = False
+        try:
+            return super().from_state_dict(config, state_dict, strict=strict, source=source)
+        finally:
+            config.use_pretrained_backbone = flag
+
+    def save_pretrained(self, save_directory: Any) -> None:
+        """As the base; ``config.json`` says ``use_pretrained_backbone: false``, since the file holds the backbone's
+        weights (transformers then reads it too: it refuses ``backbone_config`` with a pretrained backbone)."""
+        flag = self.config.use_pretrained_backbone
+        self.config.use_pretrained_backbone = False
+        try:
+            super().save_pretrained(save_directory)
+        finally:
+            self.config.use_pretrained_backbone = flag
+
+    @property
+    def backbone_load_report(self) -> LoadReport | None:
+        """What loading the pretrained backbone matched (loaded, missing, unexpected keys); ``None`` for a backbone
+        built with random weights."""
+        return self._backbone().load_report
+
+    def input_conv_keys(self) -> tuple[str, ...]:
+        """The backbone's input convolutions, under the backbone's prefix."""
+        backbone = self._backbone()
+        keys = backbone.input_conv_keys() if hasattr(backbone, "input_conv_keys") else ()
+        return tuple(self.encoder_prefix + k for k in keys)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """Gradient checkpointing in the backbone (see the backbone's ``set_grad_checkpointing``).
+
+        Raises:
+            ValueError: the backbone cannot checkpoint.
+        """
+        self._backbone().gradient_checkpointing_enable()
+
+    def gradient_checkpointing_disable(self) -> None:
+        self._backbone().gradient_checkpointing_disable()
+
+    def group_matcher(self, coarse: bool = False) -> Any:
+        """timm's parameter grouping for layer-wise learning-rate decay: the backbone's groups (from its own
+        ``group_matcher``, grouped by timm's ``group_parameters``), then everything else (pixel decoder, query
+        decoder, heads) in the last group, which keeps the full learning rate."""
+        from timm.models import group_parameters
+
+        backbone = self._backbone()
+        layer_of = group_parameters(backbone, backbone.group_matcher(coarse=coarse), reverse=True)
+        prefix = self.encoder_prefix
+
+        def ordinal(name: str) -> tuple[float, ...]:
+            inner = name[len(prefix) :] if name.startswith(prefix) else None
+            return (float(layer_of[inner]),) if inner in layer_of else (float("inf"),)
+
+        return ordinal
+
+    def no_weight_decay(self) -> set[str]:
+        """The backbone's ``no_weight_decay()`` names, under its prefix."""
+        backbone = self._backbone()
+        names = backbone.no_weight_decay() if hasattr(backbone, "no_weight_decay") else set()
+        return {self.encoder_prefix + name for name in names}
 
 
 def _init_weights(module: nn.Module, std: float, xavier_gain: float) -> None:
