@@ -284,6 +284,8 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
 
     config_class = TimmBackboneConfig
     checkpoint_prefixes = ("_backbone.",)
+    # earlier files held the ViT's weights twice, also under `_getter.` (now a property, not a submodule)
+    ignore_unexpected = (r"^_getter\.",)
 
     def __init__(self, config: TimmBackboneConfig, *, timm_state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Build the backbone with random weights, or around ``timm_state_dict`` (a timm-format checkpoint, adapted
@@ -313,10 +315,6 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
 
             self._backbone = freeze_batch_norm_2d(self._backbone)
         self._nhwc = str(getattr(self._backbone, "output_fmt", "NCHW")).endswith("NHWC")
-        # feature nets that wrap forward_intermediates can compute just the selected stages
-        self._getter = self._backbone.model if isinstance(self._backbone, FeatureGetterNet) else None
-        if not config.features_only:
-            self._getter = self._backbone
         self._size_rule = _input_size_rule(self._backbone)
         if config.output_prefix_tokens and not _takes_prefix_tokens(self._getter):
             raise ValueError(
@@ -325,6 +323,13 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
             )
         self.neck = _pyramid(config, arch, info)
         self.init_stages(stage_names, [d["num_chs"] for d in info], [d["reduction"] for d in info], held)
+
+    @property
+    def _getter(self) -> nn.Module | None:
+        """The timm model whose ``forward_intermediates`` computes just the selected stages, if there is one."""
+        if isinstance(self._backbone, FeatureGetterNet):
+            return self._backbone.model
+        return None if self.config.features_only else self._backbone
 
     def forward_stages(
         self, pixel_values: torch.Tensor, indices: tuple[int, ...], output_attentions: bool
@@ -372,13 +377,18 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
     def transform_features(self, feature_maps: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         return feature_maps if self.neck is None else self.neck(feature_maps)
 
+    # (written out rather than through super(): torch.compile cannot follow super() into a property)
     @property
     def channels(self) -> list[int]:
-        return super().channels if self.neck is None else list(self.neck.channels)
+        if self.neck is not None:
+            return list(self.neck.channels)
+        return [self.num_features[i] for i in self.out_indices]
 
     @property
     def strides(self) -> list[int]:
-        return super().strides if self.neck is None else list(self.neck.strides)
+        if self.neck is not None:
+            return list(self.neck.strides)
+        return [self.stage_strides[i] for i in self.out_indices]
 
     def sync_selection(self) -> None:
         """As the base; with a feature pyramid, also check that four taps of the width it was built for are
@@ -398,8 +408,8 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
         """The base checks, plus the fixed or patch-multiple image size that timm's patch embedding requires, and a
         feature pyramid's coarsest level at least one pixel."""
         super().check_pixel_values(pixel_values, min_size)
-        coarsest = max(self.strides)
-        if self.neck is not None and min(pixel_values.shape[-2:]) < coarsest:
+        coarsest = max(self.neck.strides) if self.neck is not None else 0
+        if min(pixel_values.shape[-2:]) < coarsest:
             raise ValueError(
                 f"pixel_values is {pixel_values.shape[-2]}x{pixel_values.shape[-1]} (height x width), smaller than "
                 f"the minimum {coarsest}x{coarsest}: the feature pyramid's coarsest level has stride {coarsest}; "
