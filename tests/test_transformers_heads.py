@@ -90,8 +90,14 @@ HEADS = {
         "masks_queries_logits",
     ),
 }
-# every head over a CNN and our native Swin by default; the rest of the matrix in the slow run
-FAST = {("mask2former", "timm-vit-pyramid"), ("upernet", "timm-cnn"), ("maskformer", "swin"), ("upernet", "resnet")}
+# every head, and each kind of backbone, by default; the rest of the matrix in the slow run
+FAST = {
+    ("mask2former", "timm-vit-pyramid"),
+    ("mask2former", "timm-swin"),
+    ("upernet", "timm-cnn"),
+    ("maskformer", "swin"),
+    ("upernet", "resnet"),
+}
 MATRIX = [
     pytest.param(head, backbone, marks=() if (head, backbone) in FAST else pytest.mark.slow)
     for head in HEADS

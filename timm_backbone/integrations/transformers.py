@@ -129,7 +129,11 @@ class BackboneAdapter(transformers.PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: torch.nn.Module) -> None:
-        """The backbone keeps its own initialisation (timm's, or the native family's)."""
+        """The backbone keeps its own initialisation (timm's, or the native family's); only buffers that are not
+        saved are computed again, since transformers' ``from_pretrained`` builds the model on the meta device
+        (timm's Swin relative position index)."""
+        if hasattr(module, "init_non_persistent_buffers"):
+            module.init_non_persistent_buffers()
 
     # transformers' backbone API -----------------------------------------------------------------------------------
     @property
