@@ -198,3 +198,41 @@ def test_maskformer_with_a_pyramid_vit_predicts_at_a_quarter(out_indices):
     out.loss.backward()
     assert out.masks_queries_logits.shape == (1, 5, 16, 16)
     assert encoder.neck.levels[0][0][0].weight.grad is not None
+
+
+@pytest.mark.parametrize(
+    "name, strides",
+    [
+        ("deit_small_patch16_224", [4, 8, 16, 32]),
+        ("eva02_small_patch14_224", [3.5, 7, 14, 28]),
+        ("vit_small_patch14_reg4_dinov2", [3.5, 7, 14, 28]),
+        ("samvit_base_patch16", [4, 8, 16, 32]),
+    ],
+)
+def test_single_stride_families_get_the_pyramid(name, strides):
+    with torch.device("meta"):
+        model = TimmBackbone(TimmBackboneConfig(name, feature_pyramid="simple"))
+    assert model.out_indices == [2, 5, 8, 11] and model.strides == strides and len(set(model.channels)) == 1
+
+
+def test_patch14_levels_are_a_quarter_to_twice_the_taps():
+    model = _pyramid_vit(model_args={"patch_size": 14})
+    out = model(torch.randn(1, 3, 56, 56))
+    assert model.strides == [3.5, 7, 14, 28]
+    assert [tuple(f.shape[-2:]) for f in out.feature_maps] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+
+
+def test_sams_image_encoder_with_the_pyramid():
+    torch.manual_seed(0)
+    sam_args = dict(img_size=64, depth=4, embed_dim=32, num_heads=2, global_attn_indexes=(1, 3), window_size=2)
+    model = TimmBackbone(
+        TimmBackboneConfig("samvit_base_patch16", feature_pyramid="simple", model_args=sam_args)
+    ).eval()
+    reference = timm.create_model("samvit_base_patch16", **sam_args).eval()
+    reference.load_state_dict(model._backbone.model.state_dict(), strict=False)
+    pixel_values = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        taps = reference.forward_intermediates(pixel_values, indices=[0, 1, 2, 3], intermediates_only=True)
+        for level, want in zip(model(pixel_values).feature_maps, model.neck(taps)):
+            torch.testing.assert_close(level, want)
+    assert model.out_indices == [0, 1, 2, 3] and model.strides == [4, 8, 16, 32]
