@@ -236,3 +236,30 @@ def test_sams_image_encoder_with_the_pyramid():
         for level, want in zip(model(pixel_values).feature_maps, model.neck(taps)):
             torch.testing.assert_close(level, want)
     assert model.out_indices == [0, 1, 2, 3] and model.strides == [4, 8, 16, 32]
+
+
+def test_empty_batch_and_nan_isolation():
+    model = _pyramid_vit(output_prefix_tokens=True)
+    empty = model(torch.randn(0, 3, 32, 32))
+    assert [tuple(f.shape) for f in empty.feature_maps] == [(0, 64, 8, 8), (0, 64, 4, 4), (0, 64, 2, 2), (0, 64, 1, 1)]
+    assert empty.prefix_tokens[0].shape == (0, 1, 64)
+    pixel_values = torch.randn(2, 3, 32, 32)
+    pixel_values[0, :, 0, 0] = float("nan")
+    with torch.no_grad():
+        out = model(pixel_values)
+    assert all(f[0].isnan().any() and f[1].isfinite().all() for f in out.feature_maps)
+
+
+@pytest.mark.slow
+def test_pyramid_exports_and_compiles():
+    model = _pyramid_vit()
+    program = torch.export.export(
+        model, (torch.randn(2, 3, 64, 64),), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=8)},)
+    )
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    pixel_values = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(pixel_values).feature_maps
+        for got in (program.module()(pixel_values).feature_maps, compiled(pixel_values).feature_maps):
+            for a, b in zip(got, expected):
+                torch.testing.assert_close(a, b)
