@@ -263,3 +263,13 @@ def test_pyramid_exports_and_compiles():
         for got in (program.module()(pixel_values).feature_maps, compiled(pixel_values).feature_maps):
             for a, b in zip(got, expected):
                 torch.testing.assert_close(a, b)
+
+
+def test_vit_weights_are_saved_once_and_older_duplicated_files_load(tmp_path):
+    model = TimmBackbone(TimmBackboneConfig("test_vit", out_indices=[1, 3])).eval()
+    state_dict = model.state_dict()
+    assert not any(k.startswith("_getter.") for k in state_dict)
+    # files written before held the ViT twice, also under `_getter.`
+    duplicated = {**state_dict, **{"_getter." + k[len("_backbone.model.") :]: v for k, v in state_dict.items()}}
+    reloaded = TimmBackbone.from_state_dict(model.config, duplicated, strict=True)
+    assert reloaded.load_report.ok
