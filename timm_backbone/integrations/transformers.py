@@ -11,8 +11,8 @@ stores our backbone config, and ``from_pretrained`` builds our backbone again::
     >>> from timm_backbone.integrations.transformers import as_transformers_config
     >>> backbone = as_transformers_config(TimmBackboneConfig("resnet18", out_indices=(1, 2, 3, 4)))
     >>> model = transformers.UperNetForSemanticSegmentation(transformers.UperNetConfig(backbone_config=backbone))
-    >>> model(torch.randn(1, 3, 64, 64)).logits.shape
-    torch.Size([1, 150, 64, 64])
+    >>> model.eval()(torch.randn(1, 3, 64, 64)).logits.shape
+    torch.Size([1, 2, 64, 64])
 
 Needs ``pip install timm-backbone[transformers]``; the core package never imports this module.
 """
