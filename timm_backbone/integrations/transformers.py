@@ -6,7 +6,7 @@ transformers builds a head's backbone from ``config.backbone_config`` through it
 :class:`BackboneAdapter` (a transformers ``PreTrainedModel`` holding our backbone). A head's ``config.json`` then
 stores our backbone config, and ``from_pretrained`` builds our backbone again::
 
-    >>> import transformers
+    >>> import torch, transformers
     >>> from timm_backbone import TimmBackboneConfig
     >>> from timm_backbone.integrations.transformers import as_transformers_config
     >>> backbone = as_transformers_config(TimmBackboneConfig("resnet18", out_indices=(1, 2, 3, 4)))
