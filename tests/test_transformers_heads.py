@@ -250,3 +250,60 @@ def test_adapter_config_reloads_our_config_and_selection(tmp_path):
     adapter = transformers.AutoBackbone.from_config(reloaded)
     assert adapter.out_features == ["stage2", "stage4"] and adapter.channels == adapter.model.channels
     assert adapter.forward_with_filtered_kwargs(torch.randn(1, 3, 32, 32), unknown=1).feature_maps[1].shape[1] == 128
+
+
+def _depth_anything() -> torch.Tensor:
+    backbone = as_transformers_config(
+        TimmBackboneConfig("test_vit", out_indices=(1, 2, 4, 5), output_prefix_tokens=True), token_feature_maps=True
+    )
+    config = transformers.DepthAnythingConfig(
+        backbone_config=backbone,
+        reassemble_hidden_size=64,
+        neck_hidden_sizes=[16, 32, 64, 64],
+        fusion_hidden_size=16,
+        head_hidden_size=8,
+        patch_size=16,
+    )
+    return transformers.DepthAnythingForDepthEstimation(config).eval()(torch.randn(1, 3, SIZE, SIZE)).predicted_depth
+
+
+def _oneformer() -> torch.Tensor:
+    config = transformers.OneFormerConfig(
+        backbone_config=as_transformers_config(BACKBONES["timm-cnn"][0]()),
+        hidden_dim=32,
+        encoder_feedforward_dim=32,
+        dim_feedforward=32,
+        conv_dim=32,
+        mask_dim=32,
+        encoder_layers=1,
+        decoder_layers=2,
+        num_attention_heads=2,
+        num_queries=6,
+        text_encoder_width=32,
+        text_encoder_num_layers=1,
+        num_labels=3,
+    )
+    model = transformers.OneFormerForUniversalSegmentation(config).eval()
+    return model(torch.randn(1, 3, SIZE, SIZE), task_inputs=torch.randint(0, 10, (1, 77))).masks_queries_logits
+
+
+def _detr() -> torch.Tensor:
+    config = transformers.DetrConfig(
+        use_timm_backbone=False,
+        backbone_config=as_transformers_config(TimmBackboneConfig("test_resnet", out_indices=(4,))),
+        **DETR,
+    )
+    return transformers.DetrForObjectDetection(config).eval()(torch.randn(1, 3, SIZE, SIZE)).pred_boxes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "build, shape",
+    [(_depth_anything, (1, SIZE, SIZE)), (_oneformer, (1, 6, SIZE // 4, SIZE // 4)), (_detr, (1, 5, 4))],
+)
+def test_other_heads_run_an_eval_forward(build, shape):
+    """Further heads that build their backbone with load_backbone: Depth Anything (ViT tokens), OneFormer, DETR."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        output = build()
+    assert output.shape == shape and torch.isfinite(output).all()

@@ -162,7 +162,8 @@ class BackboneAdapter(transformers.PreTrainedModel):
 
     @property
     def out_feature_channels(self) -> dict[str, int]:
-        return dict(zip(self.out_features, self.channels))
+        """Width of every stage; the selected ones as output (after a feature pyramid, if any)."""
+        return {**dict(zip(self.stage_names, self.num_features)), **dict(zip(self.out_features, self.channels))}
 
     @property
     def has_attentions(self) -> bool:
