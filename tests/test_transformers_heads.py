@@ -3,6 +3,8 @@
 from_pretrained round trip that rebuilds our backbone with identical outputs."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -307,3 +309,8 @@ def test_other_heads_run_an_eval_forward(build, shape):
     with torch.no_grad():
         output = build()
     assert output.shape == shape and torch.isfinite(output).all()
+
+
+def test_the_package_never_imports_transformers():
+    code = "import sys, timm_backbone, timm_backbone.necks; sys.exit('transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
