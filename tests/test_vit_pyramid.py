@@ -200,6 +200,20 @@ def test_maskformer_with_a_pyramid_vit_predicts_at_a_quarter(out_indices):
     assert encoder.neck.levels[0][0][0].weight.grad is not None
 
 
+def test_maskformer_with_a_pyramid_vit_round_trips(tmp_path):
+    torch.manual_seed(0)
+    backbone = TimmBackboneConfig("test_vit", feature_pyramid="simple", feature_pyramid_channels=16)
+    model = MaskFormerForInstanceSegmentation(MaskFormerConfig(backbone_config=backbone, **HEADS)).eval()
+    model.save_pretrained(tmp_path)
+    reloaded = MaskFormerForInstanceSegmentation.from_pretrained(tmp_path)
+    assert reloaded.load_report.ok and reloaded.model.pixel_level_module.encoder.channels == [16] * 4
+    pixel_values = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded(pixel_values).masks_queries_logits, model(pixel_values).masks_queries_logits, rtol=0, atol=0
+        )
+
+
 @pytest.mark.parametrize(
     "name, strides",
     [
