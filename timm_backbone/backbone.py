@@ -152,11 +152,14 @@ class BackboneOutput(ModelOutput):
         feature_maps: One NCHW tensor per selected stage, in stage order.
         hidden_states: NCHW output of every stage, when requested.
         attentions: Attention weights per block, when requested and supported.
+        prefix_tokens: Class/register tokens ``(batch, num_prefix_tokens, channels)`` of each selected stage, for
+            token models built with ``output_prefix_tokens=True``.
     """
 
     feature_maps: tuple[torch.Tensor, ...] = ()
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    prefix_tokens: tuple[torch.Tensor, ...] | None = None
 
 
 class BackboneMixin:
@@ -225,13 +228,14 @@ class BackboneMixin:
         self.check_pixel_values(pixel_values)
         indices = self.out_indices
         every = tuple(range(self.num_built_stages))
-        states, attentions = self.forward_stages(
+        states, attentions, *extra = self.forward_stages(
             pixel_values, every if output_hidden_states or output_attentions else tuple(indices), output_attentions
         )
         output = BackboneOutput(
-            feature_maps=tuple(self.feature_map(i, states[i]) for i in indices),
+            feature_maps=self.transform_features(tuple(self.feature_map(i, states[i]) for i in indices)),
             hidden_states=tuple(states[i] for i in every) if output_hidden_states else None,
             attentions=tuple(attentions) if output_attentions else None,
+            **(extra[0] if extra else {}),
         )
         return output if return_dict else output.to_tuple()
 
@@ -239,12 +243,19 @@ class BackboneMixin:
         self, pixel_values: torch.Tensor, indices: tuple[int, ...], output_attentions: bool
     ) -> tuple[dict[int, torch.Tensor], Sequence[torch.Tensor] | None]:
         """Run the stages up to ``max(indices)`` and return the outputs of ``indices`` (NCHW, before
-        :meth:`feature_map`), and the attention weights when asked for. Implemented by each family."""
+        :meth:`feature_map`), and the attention weights when asked for. Implemented by each family; it may return a
+        third item, a dict of further :class:`BackboneOutput` fields (``prefix_tokens``)."""
         raise NotImplementedError
 
     def feature_map(self, index: int, state: torch.Tensor) -> torch.Tensor:
         """The feature map returned for selected stage ``index`` from its output ``state``; the output itself."""
         return state
+
+    def transform_features(self, feature_maps: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """A neck over all selected feature maps at once (after :meth:`feature_map`), such as a feature pyramid; the
+        maps themselves by default. A family that overrides it reports the new shapes in :attr:`channels` and
+        :attr:`strides`."""
+        return feature_maps
 
     # which stages run and train -----------------------------------------------------------------------------------
     def stage_modules(self, index: int) -> list[torch.nn.Module]:
@@ -416,8 +427,8 @@ class BackboneMixin:
     def output_shape(self) -> dict[str, dict[str, int]]:
         """Channels and stride of each selected stage, as detectron2's ``Backbone.output_shape()``."""
         return {
-            name: {"channels": self.num_features[i], "stride": self.stage_strides[i]}
-            for name, i in zip(self.out_features, self.out_indices)
+            name: {"channels": channels, "stride": stride}
+            for name, channels, stride in zip(self.out_features, self.channels, self.strides)
         }
 
     @property

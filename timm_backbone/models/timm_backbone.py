@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from ..backbone import BackboneMixin
 from ..configuration import BackboneConfigMixin, PretrainedConfig
 from ..hub import Source, check_timm_name, resolve_source
 from ..modeling import LoadReport, PreTrainedModel
+from ..necks import FEATURE_PYRAMIDS, SimpleFeaturePyramid
 
 # keys of config.json that describe the config itself, never arguments for timm.create_model
 _CONFIG_KEYS = {
@@ -62,6 +64,13 @@ class TimmBackboneConfig(BackboneConfigMixin, PretrainedConfig):
         freeze_batch_norm_2d: Replace BatchNorm layers with frozen ones (detection fine-tuning).
         output_stride: Dilate the last stages for this total stride (8, 16), where the model supports it.
         model_args: Further keyword arguments for ``timm.create_model`` (``img_size``, ``drop_path_rate``...).
+        feature_pyramid: ``"simple"`` adds ViTDet's simple feature pyramid (:class:`~timm_backbone.necks.
+            SimpleFeaturePyramid`) over four taps of a single-stride token model (ViT, DeiT, EVA, DINOv2, SAM's
+            encoder): the selected taps come out at 4x, 2x, 1x and 0.5x their resolution (strides 4, 8, 16, 32 for
+            patch 16). Without a selection, four evenly spaced blocks are tapped (2, 5, 8, 11 of 12).
+        feature_pyramid_channels: Width of the pyramid's levels; the taps' width by default.
+        output_prefix_tokens: Also return the class/register tokens of each selected tap in
+            ``BackboneOutput.prefix_tokens`` (token models with ``forward_intermediates``).
         **kwargs: Keyword arguments that are not config fields are added to ``model_args``; the fine-tuning fields
             ``frozen_stages`` and ``norm_eval`` (see :class:`~timm_backbone.configuration.BackboneConfigMixin`) stay
             on the config.
@@ -81,10 +90,14 @@ class TimmBackboneConfig(BackboneConfigMixin, PretrainedConfig):
         output_stride: int | None = None,
         model_args: dict[str, Any] | None = None,
         stage_names: list[str] | None = None,
+        feature_pyramid: str | None = None,
+        feature_pyramid_channels: int | None = None,
+        output_prefix_tokens: bool = False,
         **kwargs: Any,
     ) -> None:
         if backbone is not None and not isinstance(backbone, str):
             raise TypeError(f"backbone must be a timm model name (str), got {type(backbone).__name__}")
+        _check_pyramid_fields(feature_pyramid, feature_pyramid_channels)
         model_args = dict(model_args or {})
         for key in list(kwargs):
             if key not in _CONFIG_KEYS and not key.startswith("_"):
@@ -98,6 +111,9 @@ class TimmBackboneConfig(BackboneConfigMixin, PretrainedConfig):
         self.output_stride = output_stride
         self.model_args = model_args
         self.stage_names = list(stage_names) if stage_names is not None else None
+        self.feature_pyramid = feature_pyramid
+        self.feature_pyramid_channels = feature_pyramid_channels
+        self.output_prefix_tokens = bool(output_prefix_tokens)
         self._init_stage_selection(out_features, out_indices)
 
     @classmethod
@@ -150,7 +166,17 @@ _INIT_KEYS = {
     "output_stride",
     "model_args",
     "stage_names",
+    "feature_pyramid",
+    "feature_pyramid_channels",
+    "output_prefix_tokens",
 }
+
+
+def _check_pyramid_fields(feature_pyramid: Any, channels: Any) -> None:
+    if feature_pyramid is not None and feature_pyramid not in FEATURE_PYRAMIDS:
+        raise ValueError(f"feature_pyramid must be one of {list(FEATURE_PYRAMIDS)} or None, got {feature_pyramid!r}")
+    if channels is not None and (isinstance(channels, bool) or not isinstance(channels, int) or channels < 1):
+        raise ValueError(f"feature_pyramid_channels must be a positive int or None, got {channels!r}")
 
 
 def _create_args(config: TimmBackboneConfig) -> tuple[str, dict[str, Any]]:
@@ -222,6 +248,43 @@ def _input_size_rule(model: nn.Module) -> tuple[str, tuple[int, int]] | None:
     return None
 
 
+def _takes_prefix_tokens(model: nn.Module | None) -> bool:
+    return model is not None and "return_prefix_tokens" in inspect.signature(model.forward_intermediates).parameters
+
+
+def _pyramid_taps(arch: str, stage_names: list[str]) -> list[int]:
+    """Four evenly spaced taps ending at the last one (2, 5, 8, 11 of 12 blocks, as BEiT's and ViTDet's setups)."""
+    if len(stage_names) < 4:
+        raise ValueError(
+            f"the simple feature pyramid needs four taps, but timm model {arch!r} has {len(stage_names)} stages "
+            f"({stage_names})"
+        )
+    return [(k + 1) * len(stage_names) // 4 - 1 for k in range(4)]
+
+
+def _pyramid(config: TimmBackboneConfig, arch: str, info: list[dict[str, Any]]) -> SimpleFeaturePyramid | None:
+    """The feature pyramid ``config`` asks for, built from the selected taps' widths and strides."""
+    if config.feature_pyramid is None:
+        return None
+    strides = [d["reduction"] for d in info]
+    if len(set(strides)) != 1:
+        raise ValueError(
+            f"feature_pyramid={config.feature_pyramid!r} needs a single-stride token model (ViT, DeiT, EVA, DINOv2, "
+            f"SAM's encoder); timm model {arch!r} is already multi-scale (strides {strides}): build it with "
+            f"feature_pyramid=None"
+        )
+    taps = config.out_indices
+    if len(taps) != 4:
+        raise ValueError(
+            f"the simple feature pyramid takes four taps, one per level, got out_indices={taps}; select four, e.g. "
+            f"out_indices={_pyramid_taps(arch, [d['module'] for d in info])}"
+        )
+    widths = [info[i]["num_chs"] for i in taps]
+    return SimpleFeaturePyramid(
+        widths, [strides[i] for i in taps], out_channels=config.feature_pyramid_channels or widths[-1]
+    )
+
+
 class TimmBackbone(BackboneMixin, PreTrainedModel):
     """A timm model behind the backbone API: ``feature_maps`` NCHW, stages named as timm's ``feature_info``.
 
@@ -230,6 +293,8 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
 
     config_class = TimmBackboneConfig
     checkpoint_prefixes = ("_backbone.",)
+    # earlier files held the ViT's weights twice, also under `_getter.` (now a property, not a submodule)
+    ignore_unexpected = (r"^_getter\.",)
 
     def __init__(self, config: TimmBackboneConfig, *, timm_state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Build the backbone with random weights, or around ``timm_state_dict`` (a timm-format checkpoint, adapted
@@ -244,7 +309,10 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
                 f"({stage_names}); the config was saved for another model or timm version"
             )
         config.stage_names = stage_names
-        config.set_output_features_output_indices(config.out_features, config.out_indices)
+        if config.feature_pyramid is not None and config.out_indices is None and config.out_features is None:
+            config.set_output_features_output_indices(None, _pyramid_taps(arch, stage_names))
+        else:
+            config.set_output_features_output_indices(config.out_features, config.out_indices)
         # timm builds stages up to the deepest selected one only (its feature nets prune the rest): those are held
         held = max(config.out_indices) + 1
         if timm_state_dict is not None:
@@ -256,12 +324,21 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
 
             self._backbone = freeze_batch_norm_2d(self._backbone)
         self._nhwc = str(getattr(self._backbone, "output_fmt", "NCHW")).endswith("NHWC")
-        # feature nets that wrap forward_intermediates can compute just the selected stages
-        self._getter = self._backbone.model if isinstance(self._backbone, FeatureGetterNet) else None
-        if not config.features_only:
-            self._getter = self._backbone
         self._size_rule = _input_size_rule(self._backbone)
+        if config.output_prefix_tokens and not _takes_prefix_tokens(self._getter):
+            raise ValueError(
+                f"output_prefix_tokens=True needs a token model whose forward_intermediates returns prefix tokens "
+                f"(ViT, DeiT, EVA...); timm model {arch!r} has none; build it with output_prefix_tokens=False"
+            )
+        self.neck = _pyramid(config, arch, info)
         self.init_stages(stage_names, [d["num_chs"] for d in info], [d["reduction"] for d in info], held)
+
+    @property
+    def _getter(self) -> nn.Module | None:
+        """The timm model whose ``forward_intermediates`` computes just the selected stages, if there is one."""
+        if isinstance(self._backbone, FeatureGetterNet):
+            return self._backbone.model
+        return None if self.config.features_only else self._backbone
 
     def forward_stages(
         self, pixel_values: torch.Tensor, indices: tuple[int, ...], output_attentions: bool
@@ -274,10 +351,19 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
                 features = self._getter.forward_intermediates(
                     pixel_values,
                     indices=list(indices),
-                    norm=getattr(self._backbone, "norm", False),
+                    # a feature net's own flag; a whole model's `norm` is its final norm layer, not a flag
+                    norm=self._backbone.norm if isinstance(self._backbone, FeatureGetterNet) else False,
                     output_fmt="NCHW",
                     intermediates_only=True,
+                    **({"return_prefix_tokens": True} if self.config.output_prefix_tokens else {}),
                 )
+                if self.config.output_prefix_tokens:
+                    # timm returns (map, prefix) pairs, or bare maps for a model without prefix tokens
+                    prefix = {
+                        i: f[1] if isinstance(f, tuple) else f.new_zeros(f.shape[0], 0, f.shape[1])
+                        for i, f in zip(indices, features)
+                    }
+                    features = [f[0] if isinstance(f, tuple) else f for f in features]
                 by_stage = dict(zip(indices, features))
             else:
                 features = self._backbone(pixel_values)
@@ -292,11 +378,52 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
             by_stage = {i: f.permute(0, 3, 1, 2) for i, f in by_stage.items()}
         if empty:
             by_stage = {i: f[:0] for i, f in by_stage.items()}
-        return by_stage, None
+        if not self.config.output_prefix_tokens:
+            return by_stage, None
+        return by_stage, None, {"prefix_tokens": tuple(prefix[i][:0] if empty else prefix[i] for i in self.out_indices)}
+
+    # the feature pyramid ------------------------------------------------------------------------------------------
+    def transform_features(self, feature_maps: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return feature_maps if self.neck is None else self.neck(feature_maps)
+
+    # (written out rather than through super(): torch.compile cannot follow super() into a property)
+    @property
+    def channels(self) -> list[int]:
+        if self.neck is not None:
+            return list(self.neck.channels)
+        return [self.num_features[i] for i in self.out_indices]
+
+    @property
+    def strides(self) -> list[int]:
+        if self.neck is not None:
+            return list(self.neck.strides)
+        return [self.stage_strides[i] for i in self.out_indices]
+
+    def sync_selection(self) -> None:
+        """As the base; with a feature pyramid, also check that four taps of the width it was built for are
+        selected."""
+        if self.neck is not None:
+            selected = [self.stage_names[i] for i in self.config.out_indices]
+            widths = [self.num_features[i] for i in self.config.out_indices]
+            if len(selected) != len(self.neck.levels) or widths != self.neck.in_channels:
+                raise ValueError(
+                    f"the simple feature pyramid takes {len(self.neck.levels)} taps of widths {self.neck.in_channels}, "
+                    f"got {selected} (widths {widths}); select four taps, e.g. out_indices="
+                    f"{_pyramid_taps('', self.stage_names)}"
+                )
+        super().sync_selection()
 
     def check_pixel_values(self, pixel_values: Any, min_size: int | None = None) -> None:
-        """The base checks, plus the fixed or patch-multiple image size that timm's patch embedding requires."""
+        """The base checks, plus the fixed or patch-multiple image size that timm's patch embedding requires, and a
+        feature pyramid's coarsest level at least one pixel."""
         super().check_pixel_values(pixel_values, min_size)
+        coarsest = max(self.neck.strides) if self.neck is not None else 0
+        if min(pixel_values.shape[-2:]) < coarsest:
+            raise ValueError(
+                f"pixel_values is {pixel_values.shape[-2]}x{pixel_values.shape[-1]} (height x width), smaller than "
+                f"the minimum {coarsest}x{coarsest}: the feature pyramid's coarsest level has stride {coarsest}; "
+                f"resize or pad the images"
+            )
         if self._size_rule is None:
             return
         kind, (rule_h, rule_w) = self._size_rule

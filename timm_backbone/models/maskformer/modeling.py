@@ -148,6 +148,8 @@ def select_multiscale_stages(backbone_config: Any) -> None:
         if stride >= 4 and name != "stem":
             wanted[stride] = i  # the last stage of each stride
     chosen = sorted(wanted.values()) or [len(probe.stage_names) - 1]
+    if len(set(probe.strides)) > 1:  # the backbone's own default is multi-scale already (a ViT's feature pyramid)
+        chosen = list(probe.out_indices)
     if getattr(backbone_config, "stage_names", None) is None:
         backbone_config.stage_names = list(probe.stage_names)
     backbone_config.set_output_features_output_indices(None, chosen)
