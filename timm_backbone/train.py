@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--hidden-dim", type=int, help="query decoder width d_model (default 256)")
     model.add_argument("--num-queries", type=int, help="queries (default 100)")
     model.add_argument("--decoder-layers", type=int, help="query decoder layers (default 6)")
+    model.add_argument(
+        "--dropout", type=float, default=0.0, help="query decoder dropout (default 0.0, as Mask2Former; DETR: 0.1)"
+    )
     model.add_argument("--frozen-stages", type=int, help="freeze the backbone's first K stages (stem = stage 0)")
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, help="dataset folder")
@@ -127,7 +131,9 @@ def build_config(args: argparse.Namespace, dataset: SegmentationDataset) -> Mask
         config = MaskFormerConfig.from_pretrained(args.config)
         config.id2label = dict(dataset.id2label)
         return config
-    decoder: dict[str, Any] = {}
+    # no dropout by default: with it, short runs learned to tell the queries apart through the dropout noise alone,
+    # and at evaluation (dropout off) every query predicted the same mask (docs/training.md)
+    decoder: dict[str, Any] = {"dropout": args.dropout}
     if args.hidden_dim is not None:
         decoder.update(
             d_model=args.hidden_dim,
@@ -309,17 +315,39 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--warmup-steps and --workers must be >= 0")
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Train (or with ``eval_only`` evaluate) as the command line describes; return the last evaluation's metrics.
+@dataclass
+class RunResult:
+    """What :func:`run` leaves: the last evaluation's metrics, the model (unwrapped, on its device) and processor,
+    and the step reached."""
 
-    Everything that can be wrong with the input (folders, files, labels, the model source, a ``--resume`` folder of
-    another model) raises before the first step.
+    metrics: dict[str, float]
+    model: MaskFormerForInstanceSegmentation
+    processor: MaskFormerImageProcessor
+    step: int
+
+
+def _check_extras() -> None:
+    import importlib.util
+
+    missing = [name for name in ("scipy", "torchmetrics") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise OSError(
+            f"timm-backbone train needs {' and '.join(missing)} (the [train] extra): pip install 'timm-backbone[train]'"
+        )
+
+
+def run(args: argparse.Namespace) -> RunResult:
+    """Train (or with ``eval_only`` evaluate) as the command line describes.
+
+    Everything that can be wrong with the input (arguments, folders, files, labels, the model source, a ``--resume``
+    folder of another model) raises before the first step and before anything is written.
 
     Raises:
         ValueError: bad arguments, labels outside the classes, a resume folder of another model.
         OSError: missing or unreadable folders and files.
     """
     _check_args(args)
+    _check_extras()
     procs = Processes(args.device)
     try:
         if args.threads:
@@ -329,7 +357,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         procs.close()
 
 
-def _run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
+def _prepare_model(
+    args: argparse.Namespace, val_set: SegmentationDataset, checkpoint: Path | None
+) -> tuple[MaskFormerForInstanceSegmentation, MaskFormerImageProcessor]:
+    """The model and processor: from ``checkpoint`` (``--eval-only``, ``--resume``), else built from the arguments."""
+    torch.manual_seed(args.seed)
+    if checkpoint is None:
+        config = build_config(args, val_set)
+        model = MaskFormerForInstanceSegmentation(config)
+        if args.pretrained_backbone:
+            load_pretrained_backbone(model, args.backbone)
+        return model, build_processor(val_set, args.image_size, args.backbone)
+    if args.resume and (args.backbone is not None or args.config is not None):
+        # the model built from the arguments (which fills in the backbone's stages) against the saved one
+        asked = MaskFormerForInstanceSegmentation(build_config(args, val_set)).config
+        differences = config_differences(MaskFormerConfig.from_pretrained(checkpoint).to_dict(), asked.to_dict())
+        if differences:
+            raise ValueError(
+                f"--resume: {checkpoint} holds another model than the one asked for (saved vs asked): "
+                + "; ".join(differences[:8])
+            )
+    model = MaskFormerForInstanceSegmentation.from_pretrained(checkpoint, strict=True)
+    return model, MaskFormerImageProcessor.from_pretrained(checkpoint)
+
+
+def _run(args: argparse.Namespace, procs: Processes) -> RunResult:
     output = Path(args.output)
     last, best = output / "last", output / "best"
     progress = procs.main and not args.no_progress
@@ -342,42 +394,20 @@ def _run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
         recover_folder(last)
         recover_folder(best)
     procs.barrier()
-    if args.resume and not (last / STATE_NAME).is_file():
-        raise OSError(f"--resume: {last} holds no training state ({STATE_NAME}); start without --resume")
-    if not (args.resume or args.eval_only) and last.exists():
-        raise OSError(
-            f"{output} already holds a run ({last}); pass --resume to continue it, or choose another --output"
-        )
-
-    # the model
     checkpoint = None
     if args.eval_only:
-        checkpoint = Path(args.checkpoint) if args.checkpoint else (last if last.exists() else None)
+        checkpoint = Path(args.checkpoint) if args.checkpoint else (last if last.is_dir() else None)
         if checkpoint is not None and not checkpoint.is_dir():
             raise OSError(f"--checkpoint {checkpoint} is not a folder")
     elif args.resume:
+        if not (last / STATE_NAME).is_file():
+            raise OSError(f"--resume: {last} holds no training state ({STATE_NAME}); start without --resume")
         checkpoint = last
-    torch.manual_seed(args.seed)
-    if args.eval_only and checkpoint is not None:
-        model = MaskFormerForInstanceSegmentation.from_pretrained(checkpoint)
-        processor = MaskFormerImageProcessor.from_pretrained(checkpoint)
-    else:
-        config = build_config(args, val_set)
-        model = MaskFormerForInstanceSegmentation(config)  # fills in the backbone's stages before the comparison
-        processor = build_processor(val_set, args.image_size, args.backbone)
-        if args.resume:
-            saved = MaskFormerConfig.from_pretrained(last)
-            differences = config_differences(saved.to_dict(), model.config.to_dict())
-            if differences:
-                raise ValueError(
-                    f"--resume: {last} holds another model than the one asked for (saved vs now): "
-                    + "; ".join(differences[:8])
-                )
-            from .hub import SAFE_WEIGHTS_NAME, load_weights
-
-            model.load_checkpoint(load_weights(last / SAFE_WEIGHTS_NAME), strict=True, source=str(last))
-        elif args.pretrained_backbone:
-            load_pretrained_backbone(model, args.backbone)
+    elif last.exists():
+        raise OSError(
+            f"{output} already holds a run ({last}); pass --resume to continue it, or choose another --output"
+        )
+    model, processor = _prepare_model(args, val_set, checkpoint)
     if model.config.num_labels != val_set.num_labels:
         raise ValueError(
             f"the model predicts {model.config.num_labels} classes but the dataset has {val_set.num_labels}"
@@ -385,7 +415,6 @@ def _run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
     if args.frozen_stages is not None:
         freeze_backbone_stages(model, args.frozen_stages)
     model.to(procs.device)
-    log = JsonLog(output / "log.jsonl") if procs.main else None
     eval_kwargs = {
         "batch_size": args.eval_batch_size or args.batch_size,
         "device": procs.device,
@@ -394,160 +423,216 @@ def _run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
         "progress": progress,
     }
     most_frequent = int(val_counts.argmax())
-    main_metric = MAIN_METRIC[val_set.task]
-
     if args.eval_only:
         state = (
             load_training_state(checkpoint / STATE_NAME) if checkpoint and (checkpoint / STATE_NAME).is_file() else {}
         )
         baseline = constant_baseline(val_set, most_frequent)
         results = evaluate(model, processor, val_set, **eval_kwargs)
+        step = state.get("step", 0)
         if procs.main:
-            step, epoch = state.get("step", 0), state.get("epoch", 0)
-            log.write({"type": "eval", "step": step, "epoch": epoch, "checkpoint": str(checkpoint), **results})
+            record = {"type": "eval", "step": step, "epoch": state.get("epoch", 0), **results}
+            JsonLog(output / "log.jsonl").write({**record, "checkpoint": str(checkpoint)})
             title = f"{checkpoint or 'untrained model'} on {len(val_set)} {val_set.split} images"
             print(format_results(results, baseline, title))
-        return results
+        return RunResult(results, model, processor, step)
 
-    # optimisation
     model.train()
     optimizer = build_optimizer(model, args.lr, args.weight_decay, args.layer_decay)
-    sampler = torch.utils.data.DistributedSampler(
-        train_set, num_replicas=procs.world_size, rank=procs.rank, shuffle=True, seed=args.seed
-    )
-    batches_per_epoch = math.ceil(len(sampler) / args.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)
-    total_steps = args.steps or (args.epochs or 10) * steps_per_epoch
-    scheduler = build_scheduler(optimizer, args.schedule, total_steps, args.warmup_steps)
-    state = {"step": 0, "epoch": 0, "batches_done": 0, "best_metric": None, "best_step": None, "elapsed": 0.0}
+    trainer = _Trainer(args, procs, model, processor, optimizer, train_set, val_set, eval_kwargs)
     if args.resume:
-        saved_state = load_training_state(last / STATE_NAME)
-        optimizer.load_state_dict(saved_state["optimizer"])
-        state.update({k: saved_state[k] for k in state})
-        if state["step"] >= total_steps:
+        trainer.restore(load_training_state(last / STATE_NAME), last)
+    baseline = constant_baseline(val_set, most_frequent) if trainer.state["step"] == 0 else None
+    if procs.main:
+        trainer.open_log(output / "log.jsonl", baseline, val_set.id2label[most_frequent])
+    results = trainer.train(last, best, baseline)
+    return RunResult(results, model, processor, trainer.state["step"])
+
+
+class _Trainer:
+    """The optimisation loop: epochs of seeded, sharded batches; evaluation and checkpoints after each."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        procs: Processes,
+        model: MaskFormerForInstanceSegmentation,
+        processor: MaskFormerImageProcessor,
+        optimizer: torch.optim.Optimizer,
+        train_set: SegmentationDataset,
+        val_set: SegmentationDataset,
+        eval_kwargs: dict[str, Any],
+    ) -> None:
+        from .datasets.transforms import AugmentedDataset
+
+        self.args, self.procs, self.model, self.processor, self.optimizer = args, procs, model, processor, optimizer
+        self.val_set, self.eval_kwargs = val_set, eval_kwargs
+        self.sampler = torch.utils.data.DistributedSampler(
+            train_set, num_replicas=procs.world_size, rank=procs.rank, shuffle=True, seed=args.seed
+        )
+        self.augmented = AugmentedDataset(train_set, args.image_size, args.seed, args.scale_range)
+        self.batches_per_epoch = math.ceil(len(self.sampler) / args.batch_size)
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / args.grad_accum)
+        self.total_steps = args.steps or (args.epochs or 10) * self.steps_per_epoch
+        self.scheduler = build_scheduler(optimizer, args.schedule, self.total_steps, args.warmup_steps)
+        self.state: dict[str, Any] = {
+            "step": 0,
+            "epoch": 0,
+            "batches_done": 0,
+            "best_metric": None,
+            "best_step": None,
+            "elapsed": 0.0,
+        }
+        self.log: JsonLog | None = None
+        self.ddp = model
+        if procs.world_size > 1:
+            device_ids = [procs.device.index] if procs.device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    def restore(self, saved: dict[str, Any], folder: Path) -> None:
+        if saved["step"] >= self.total_steps:
             raise ValueError(
-                f"--resume: {last} is at step {state['step']}, which reaches the {total_steps} steps asked for; "
+                f"--resume: {folder} is at step {saved['step']}, which reaches the {self.total_steps} steps asked for; "
                 f"raise --steps or --epochs to train further"
             )
-    scheduler.step_update(state["step"])
-    ddp = model
-    if procs.world_size > 1:
-        device_ids = [procs.device.index] if procs.device.type == "cuda" else None
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    from .datasets.transforms import AugmentedDataset
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.state.update({k: saved[k] for k in self.state})
 
-    augmented = AugmentedDataset(train_set, args.image_size, args.seed, args.scale_range)
-    collate = TrainCollate(processor)
-    # every process: torchmetrics reduces the baseline's counts across them
-    baseline = constant_baseline(val_set, most_frequent) if state["step"] == 0 else None
-    if log is not None:
-        log.truncate_after(state["step"] if args.resume else -1)
+    def open_log(self, path: Path, baseline: dict[str, float] | None, baseline_class: str) -> None:
+        self.log = JsonLog(path)
+        self.log.truncate_after(self.state["step"] if self.args.resume else -1)
         if baseline is not None:
-            log.write({"type": "baseline", "step": 0, "class": val_set.id2label[most_frequent], **baseline})
-        log.write(
+            self.log.write({"type": "baseline", "step": 0, "class": baseline_class, **baseline})
+        self.log.write(
             {
                 "type": "start",
-                "step": state["step"],
-                "total_steps": total_steps,
-                "steps_per_epoch": steps_per_epoch,
-                "world_size": procs.world_size,
-                "device": str(procs.device),
-                "parameters": model.num_parameters(),
-                "trainable_parameters": model.num_parameters(only_trainable=True),
-                "train_images": len(train_set),
-                "val_images": len(val_set),
+                "step": self.state["step"],
+                "total_steps": self.total_steps,
+                "steps_per_epoch": self.steps_per_epoch,
+                "world_size": self.procs.world_size,
+                "device": str(self.procs.device),
+                "parameters": self.model.num_parameters(),
+                "trainable_parameters": self.model.num_parameters(only_trainable=True),
+                "train_images": len(self.augmented),
+                "val_images": len(self.val_set),
             }
         )
 
-    from tqdm.auto import tqdm
+    def train(self, last: Path, best: Path, baseline: dict[str, float] | None) -> dict[str, float]:
+        from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", disable=not progress)
-    start = time.perf_counter() - state["elapsed"]
-    window = {"loss": 0.0, "count": 0, "images": 0, "since": time.perf_counter()}
-    results: dict[str, Any] = {}
-    while state["step"] < total_steps:
-        epoch = state["epoch"]
-        sampler.set_epoch(epoch)
-        augmented.set_epoch(epoch)
-        indices = list(sampler)[state["batches_done"] * args.batch_size :]
-        loader = torch.utils.data.DataLoader(
-            augmented, batch_size=args.batch_size, sampler=indices, num_workers=args.workers, collate_fn=collate
+        args, state = self.args, self.state
+        self.scheduler.step_update(state["step"])
+        self.bar = tqdm(
+            total=self.total_steps,
+            initial=state["step"],
+            desc="train",
+            unit="step",
+            disable=not self.procs.main or args.no_progress,
         )
-        micro = 0
-        remaining = len(loader)
+        self.start = time.perf_counter() - state["elapsed"]
+        self.window = {"loss": 0.0, "count": 0, "images": 0, "since": time.perf_counter()}
+        results: dict[str, float] = {}
+        while state["step"] < self.total_steps:
+            self.train_epoch()
+            results = self.evaluate_and_save(last, best, baseline)
+        self.bar.close()
+        return results
+
+    def train_epoch(self) -> None:
+        """Train until the epoch or the run ends (an epoch interrupted by ``--steps`` resumes where it stopped)."""
+        args, state, procs = self.args, self.state, self.procs
+        self.sampler.set_epoch(state["epoch"])
+        self.augmented.set_epoch(state["epoch"])
+        indices = list(self.sampler)[state["batches_done"] * args.batch_size :]
+        loader = torch.utils.data.DataLoader(
+            self.augmented,
+            batch_size=args.batch_size,
+            sampler=indices,
+            num_workers=args.workers,
+            collate_fn=TrainCollate(self.processor),
+        )
+        remaining, micro = len(loader), 0
         for batch in loader:
             if micro == 0:
                 torch.manual_seed(step_seed(args.seed, state["step"], procs.rank))
-            group = min(args.grad_accum, remaining + micro)
+                group = min(args.grad_accum, remaining)
             micro += 1
             remaining -= 1
             sync = micro == group
-            context = ddp.no_sync() if (not sync and ddp is not model) else contextlib.nullcontext()
-            with context:
+            no_sync = self.ddp.no_sync() if (not sync and self.ddp is not self.model) else contextlib.nullcontext()
+            with no_sync:
                 with torch.autocast(procs.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-                    loss = ddp(
+                    loss = self.ddp(
                         pixel_values=batch["pixel_values"].to(procs.device),
                         mask_labels=[m.to(procs.device) for m in batch["mask_labels"]],
                         class_labels=[c.to(procs.device) for c in batch["class_labels"]],
                     ).loss
                 (loss / group).backward()
-            window["loss"] += loss.item() / group
-            window["images"] += len(batch["pixel_values"]) * procs.world_size
+            self.window["loss"] += loss.item() / group
+            self.window["images"] += len(batch["pixel_values"]) * procs.world_size
             state["batches_done"] += 1
-            if not sync:
-                continue
-            micro = 0
-            if args.clip_grad > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            scheduler.step_update(state["step"])
-            window["count"] += 1
-            bar.update(1)
-            if state["step"] % args.log_every == 0 or state["step"] == total_steps:
-                loss_mean = procs.mean(window["loss"] / window["count"])
-                speed = window["images"] / (time.perf_counter() - window["since"])
-                lr = max(group["lr"] for group in optimizer.param_groups)
-                bar.set_postfix(loss=f"{loss_mean:.3f}", img_s=f"{speed:.1f}", lr=f"{lr:.2e}")
-                if log is not None:
-                    record = {"type": "train", "step": state["step"], "epoch": epoch, "loss": loss_mean, "lr": lr}
-                    log.write({**record, "images_per_second": speed, "time": time.perf_counter() - start})
-                window = {"loss": 0.0, "count": 0, "images": 0, "since": time.perf_counter()}
-            if state["step"] >= total_steps:
-                break
-        if state["batches_done"] >= batches_per_epoch:
+            if sync:
+                micro = 0
+                self.optimizer_step()
+                if state["step"] >= self.total_steps:
+                    break
+        if state["batches_done"] >= self.batches_per_epoch:
             state["epoch"] += 1
             state["batches_done"] = 0
+
+    def optimizer_step(self) -> None:
+        args, state = self.args, self.state
+        if args.clip_grad > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        self.scheduler.step_update(state["step"])
+        self.window["count"] += 1
+        self.bar.update(1)
+        if state["step"] % args.log_every and state["step"] != self.total_steps:
+            return
+        loss = self.procs.mean(self.window["loss"] / self.window["count"])
+        speed = self.window["images"] / (time.perf_counter() - self.window["since"])
+        lr = max(group["lr"] for group in self.optimizer.param_groups)
+        self.bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{speed:.1f}", lr=f"{lr:.2e}")
+        if self.log is not None:
+            record = {"type": "train", "step": state["step"], "epoch": state["epoch"], "loss": loss, "lr": lr}
+            self.log.write({**record, "images_per_second": speed, "time": time.perf_counter() - self.start})
+        self.window = {"loss": 0.0, "count": 0, "images": 0, "since": time.perf_counter()}
+
+    def evaluate_and_save(self, last: Path, best: Path, baseline: dict[str, float] | None) -> dict[str, float]:
+        state, main_metric = self.state, MAIN_METRIC[self.val_set.task]
         eval_start = time.perf_counter()
-        results = evaluate(model, processor, val_set, **eval_kwargs)
+        results = evaluate(self.model, self.processor, self.val_set, **self.eval_kwargs)
         improved = state["best_metric"] is None or results[main_metric] > state["best_metric"]
         if improved:
             state["best_metric"], state["best_step"] = results[main_metric], state["step"]
-        state["elapsed"] = time.perf_counter() - start
-        if procs.main:
+        state["elapsed"] = time.perf_counter() - self.start
+        if self.procs.main:
             record = {"type": "eval", "step": state["step"], "epoch": state["epoch"], **results}
-            log.write({**record, "eval_seconds": time.perf_counter() - eval_start, "time": state["elapsed"]})
-            title = f"step {state['step']}/{total_steps}, epoch {state['epoch']}: {len(val_set)} {val_set.split} images"
-            bar.write(format_results(results, baseline, title))
-            extra = {"eval_results.json": json.dumps({"step": state["step"], **results}, indent=2) + "\n"}
+            self.log.write({**record, "eval_seconds": time.perf_counter() - eval_start, "time": state["elapsed"]})
+            split = f"{len(self.val_set)} {self.val_set.split} images"
+            title = f"step {state['step']}/{self.total_steps}, epoch {state['epoch']}, {split}"
+            self.bar.write(format_results(results, baseline, title))
+            files = {"eval_results.json": json.dumps({"step": state["step"], **results}, indent=2) + "\n"}
             training_state = {
                 **state,
-                "optimizer": optimizer.state_dict(),
-                "seed": args.seed,
-                "world_size": procs.world_size,
+                "optimizer": self.optimizer.state_dict(),
+                "seed": self.args.seed,
+                "world_size": self.procs.world_size,
+                "schedule": {
+                    "name": self.args.schedule,
+                    "total_steps": self.total_steps,
+                    "warmup_steps": self.args.warmup_steps,
+                },
             }
-            training_state["schedule"] = {
-                "name": args.schedule,
-                "total_steps": total_steps,
-                "warmup_steps": args.warmup_steps,
-            }
-            save_checkpoint(last, model, processor, training_state, extra)
+            save_checkpoint(last, self.model, self.processor, training_state, files)
             if improved:
-                save_checkpoint(best, model, processor, None, extra)
-        procs.barrier()
-    bar.close()
-    return results
+                save_checkpoint(best, self.model, self.processor, None, files)
+        self.procs.barrier()
+        return results
 
 
 if __name__ == "__main__":
