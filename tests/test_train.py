@@ -47,6 +47,20 @@ def data(tmp_path_factory) -> dict[str, Path]:
     return {fmt: write_dataset(root / fmt, fmt, train=8, val=4, size=64, seed=0) for fmt in FORMATS}
 
 
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """``trained(fmt)``: one 2-epoch run per layout, made on first use and shared (tests only read it)."""
+    runs = {}
+
+    def get(fmt: str):
+        if fmt not in runs:
+            out = tmp_path_factory.mktemp(f"run-{fmt}") / "run"
+            runs[fmt] = out, train(data[fmt], fmt, out, "--epochs", "2")
+        return runs[fmt]
+
+    return get
+
+
 def _copy(data: dict[str, Path], fmt: str, tmp_path: Path) -> Path:
     return Path(shutil.copytree(data[fmt], tmp_path / f"{fmt}-copy"))
 
@@ -204,9 +218,8 @@ def test_semantic_metrics_ignore_unlabelled_pixels():
 
 # training on each layout ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_train_each_layout_logs_evaluates_and_saves(data, fmt, tmp_path):
-    out = tmp_path / "run"
-    result = train(data[fmt], fmt, out, "--epochs", "2")
+def test_train_each_layout_logs_evaluates_and_saves(data, trained, fmt):
+    out, result = trained(fmt)
     types = [r["type"] for r in _records(out)]
     assert types == ["baseline", "start", "train", "train", "eval", "train", "train", "eval"]
     start = _records(out, "start")[0]
@@ -243,18 +256,33 @@ def test_train_each_layout_logs_evaluates_and_saves(data, fmt, tmp_path):
     assert loaded.config.id2label == build_dataset(fmt, data[fmt], "val").id2label
 
 
-def test_eval_only_scores_the_saved_model_again(data, tmp_path, capsys):
-    out = tmp_path / "run"
-    trained = train(data["folder"], "folder", out, "--steps", "2")
+def test_eval_only_scores_the_saved_model_again(data, trained, tmp_path, capsys):
+    run_dir, result = trained("folder")
+    out = Path(shutil.copytree(run_dir, tmp_path / "run"))
     capsys.readouterr()
-    again = train(data["folder"], "folder", out, "--eval-only", base=RUN)
-    assert again.metrics == trained.metrics and again.step == 2
+    again = train(data["folder"], "folder", out, "--eval-only", base=RUN)  # OUTPUT/last
+    assert again.metrics == result.metrics and again.step == 4
     record = _records(out)[-1]
-    assert record["type"] == "eval" and record["checkpoint"] == str(out / "last") and record["step"] == 2
+    assert record["type"] == "eval" and record["checkpoint"] == str(out / "last") and record["step"] == 4
     printed = capsys.readouterr().out
     assert "mIoU" in printed and "pixel accuracy" in printed and "constant" in printed
-    best = train(data["folder"], "folder", tmp_path / "other", "--eval-only", "--checkpoint", out / "best", base=RUN)
-    assert best.metrics == trained.metrics
+    best = train(data["folder"], "folder", tmp_path / "best", "--eval-only", "--checkpoint", out / "best", base=RUN)
+    best_step = json.loads((out / "best" / "eval_results.json").read_text())["step"]
+    assert best.metrics == {k: v for k, v in _records(out, "eval")[best_step // 2 - 1].items() if k in best.metrics}
+
+
+def test_config_file_builds_the_model(data, trained, tmp_path):
+    out, _ = trained("folder")
+    config = json.loads((out / "last" / "config.json").read_text())
+    config["decoder_config"]["num_queries"] = 5
+    config["id2label"] = {"0": "only"}  # the dataset's classes replace the file's
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    result = train(
+        data["folder"], "folder", tmp_path / "run", "--eval-only", base=["--config", tmp_path / "config.json", *RUN]
+    )
+    assert result.model.config.num_queries == 5 and result.model.config.id2label[3] == "triangle"
+    assert result.model.class_predictor.out_features == 5  # 4 classes + no object
+    assert 0.0 <= result.metrics["miou"] <= 1.0
 
 
 def test_resume_continues_from_the_saved_step(data, tmp_path):
@@ -274,7 +302,7 @@ def test_resume_continues_from_the_saved_step(data, tmp_path):
 def test_resumed_run_equals_an_uninterrupted_one(data, tmp_path, monkeypatch):
     """Bit for bit: data order and augmentation are seeded per epoch, dropout (on here) per step."""
     whole = tmp_path / "whole"
-    train(data["coco-panoptic"], "coco-panoptic", whole, "--epochs", "2", "--dropout", "0.1")
+    train(data["folder"], "folder", whole, "--epochs", "2", "--dropout", "0.1")
 
     import timm_backbone.train as train_module
 
@@ -290,16 +318,30 @@ def test_resumed_run_equals_an_uninterrupted_one(data, tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "save_checkpoint", crash_after_first_epoch)
     parts = tmp_path / "parts"
     with pytest.raises(KeyboardInterrupt):
-        train(data["coco-panoptic"], "coco-panoptic", parts, "--epochs", "2", "--dropout", "0.1")
+        train(data["folder"], "folder", parts, "--epochs", "2", "--dropout", "0.1")
     monkeypatch.setattr(train_module, "save_checkpoint", save)
     assert load_training_state(parts / "last" / STATE_NAME)["step"] == 2
-    train(data["coco-panoptic"], "coco-panoptic", parts, "--epochs", "2", "--resume", "--dropout", "0.1")
+    train(data["folder"], "folder", parts, "--epochs", "2", "--resume", "--dropout", "0.1")
     expected, actual = _weights(whole / "last"), _weights(parts / "last")
     assert expected.keys() == actual.keys()
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
     losses = [(r["step"], r["loss"]) for r in _records(parts, "train")]
     assert losses == [(r["step"], r["loss"]) for r in _records(whole, "train")]
+
+
+def test_bf16_and_gradient_accumulation(data, tmp_path):
+    """8 images in batches of 3 (3 + 3 + 2), two batches per step: 2 steps per epoch, the last of one batch."""
+    out = tmp_path / "run"
+    result = train(
+        data["folder"], "folder", out, "--epochs", "1", "--batch-size", "3", "--grad-accum", "2", "--precision", "bf16"
+    )
+    start = _records(out, "start")[0]
+    assert start["steps_per_epoch"] == 2 and start["total_steps"] == 2 and result.step == 2
+    losses = [r["loss"] for r in _records(out, "train")]
+    assert len(losses) == 2 and all(np.isfinite(losses)) and all(loss > 0 for loss in losses)
+    assert load_training_state(out / "last" / STATE_NAME)["epoch"] == 1
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())  # autocast, weights stay fp32
 
 
 def test_checkpoint_loads_in_transformers(data, tmp_path):
@@ -415,14 +457,13 @@ def test_checkpoint_folders_are_replaced_whole(tmp_path):
     assert (folder / "a.txt").read_text() == "one"
 
 
-def test_training_state_holds_plain_data_only(data, tmp_path):
-    out = tmp_path / "run"
-    train(data["folder"], "folder", out, "--steps", "1")
+def test_training_state_holds_plain_data_only(trained, tmp_path):
+    out, _ = trained("folder")
     state = torch.load(out / "last" / STATE_NAME, weights_only=True)
-    assert state["optimizer"]["state"] and state["seed"] == 0 and state["schedule"]["total_steps"] == 1
-    torch.save({"step": 1, "optimizer": torch.nn.Linear(1, 1)}, out / "bad.pt")
+    assert state["optimizer"]["state"] and state["seed"] == 0 and state["schedule"]["total_steps"] == 4
+    torch.save({"step": 1, "optimizer": torch.nn.Linear(1, 1)}, tmp_path / "bad.pt")
     with pytest.raises(OSError, match="weights_only"):
-        load_training_state(out / "bad.pt")
+        load_training_state(tmp_path / "bad.pt")
 
 
 # errors before training -----------------------------------------------------------------------------------------------
@@ -517,18 +558,18 @@ def test_num_labels_settles_unnamed_classes(data, tmp_path):
         build_dataset("voc", data["folder"], "val")
 
 
-def test_resume_refuses_another_model(data, tmp_path):
-    out = tmp_path / "run"
-    train(data["folder"], "folder", out, "--steps", "1")
+def test_resume_refuses_another_model(data, trained, tmp_path):
+    out, _ = trained("folder")
+    before = (out / "log.jsonl").read_text()
     with pytest.raises(OSError, match=r"already holds a run .*pass --resume"):
-        train(data["folder"], "folder", out, "--steps", "2")
+        train(data["folder"], "folder", out, "--steps", "6")
     with pytest.raises(ValueError, match=r"holds another model .*decoder_config\.num_queries: 8 vs 4"):
-        train(data["folder"], "folder", out, "--steps", "2", "--resume", "--num-queries", "4")
+        train(data["folder"], "folder", out, "--steps", "6", "--resume", "--num-queries", "4")
     with pytest.raises(ValueError, match=r"backbone_config\.backbone: 'test_resnet' vs 'resnet10t'"):
-        train(data["folder"], "folder", out, "--steps", "2", "--resume", "--backbone", "resnet10t")
+        train(data["folder"], "folder", out, "--steps", "6", "--resume", "--backbone", "resnet10t")
     with pytest.raises(OSError, match="holds no training state"):
         train(data["folder"], "folder", tmp_path / "fresh", "--steps", "2", "--resume")
-    assert [r["step"] for r in _records(out, "train")] == [1]  # nothing was trained or logged by the refusals
+    assert (out / "log.jsonl").read_text() == before  # nothing was trained or logged by the refusals
 
 
 @pytest.mark.parametrize(
