@@ -121,12 +121,13 @@ def pair_files(image_dir: Path, label_dir: Path, label_suffix: str = ".png") -> 
     if orphans:
         raise OSError(
             f"{len(orphans)} images in {image_dir} have no label file of the same name in {label_dir}: "
-            f"{_abbreviate(orphans)}"
+            f"{abbreviate(orphans)}"
         )
     return pairs
 
 
-def _abbreviate(items: Sequence[str], limit: int = 10) -> str:
+def abbreviate(items: Sequence[str], limit: int = 10) -> str:
+    """The first ``limit`` names, comma-separated, and how many more there are (for messages)."""
     shown = ", ".join(items[:limit])
     return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
 

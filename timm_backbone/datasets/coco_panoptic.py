@@ -7,7 +7,7 @@ import os
 import torch
 
 from ..hub import read_json
-from .base import IGNORE_INDEX, SegmentationDataset, _abbreviate, read_label_png, require_dir
+from .base import IGNORE_INDEX, SegmentationDataset, abbreviate, read_label_png, require_dir
 
 LAYOUT = """ROOT/annotations/panoptic_train2017.json  ROOT/annotations/panoptic_train2017/*.png  ROOT/train2017/*.jpg
 ROOT/annotations/panoptic_val2017.json    ROOT/annotations/panoptic_val2017/*.png    ROOT/val2017/*.jpg
@@ -70,13 +70,13 @@ class CocoPanopticDataset(SegmentationDataset):
         missing += [file_name for image_id, file_name, _ in entries if not (png_dir / file_name).is_file()]
         if missing:
             raise OSError(
-                f"{len(missing)} images of {json_path.name} have no segment PNG in {png_dir}: {_abbreviate(missing)}"
+                f"{len(missing)} images of {json_path.name} have no segment PNG in {png_dir}: {abbreviate(missing)}"
             )
         absent = [images.get(image_id, f"image id {image_id}") for image_id, _, _ in entries]
         absent = [name for name in absent if not (image_dir / name).is_file()]
         if absent:
             raise OSError(
-                f"{len(absent)} images listed in {json_path.name} are not in {image_dir}: {_abbreviate(absent)}"
+                f"{len(absent)} images listed in {json_path.name} are not in {image_dir}: {abbreviate(absent)}"
             )
         entries.sort(key=lambda e: images[e[0]])
         self.pairs = [(image_dir / images[image_id], png_dir / file_name) for image_id, file_name, _ in entries]
