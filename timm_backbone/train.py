@@ -219,8 +219,8 @@ def build_optimizer(
         return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay)
     if not hasattr(model, "group_matcher"):
         raise ValueError(
-            f"--layer-decay needs a model that groups its layers (timm's group_matcher); {type(model).__name__} over "
-            f"{type(model.model.pixel_level_module.encoder).__name__} has none yet"
+            f"--layer-decay needs a model that groups its layers (timm's group_matcher); {type(model).__name__} has "
+            f"none yet"
         )
     return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay, layer_decay=layer_decay)
 
