@@ -27,16 +27,19 @@ class SegmentationMetrics:
             missed, as in panopticapi).
         num_labels: Number of classes.
         thing_ids: Panoptic: the class indices that are things; the others are stuff.
+        process_group: The ``torch.distributed`` group that sums the counts (default: the default group); the
+            metrics live on the CPU, so under nccl this must be a gloo group.
     """
 
-    def __init__(self, task: str, num_labels: int, thing_ids: Sequence[int] = ()) -> None:
+    def __init__(self, task: str, num_labels: int, thing_ids: Sequence[int] = (), process_group: Any = None) -> None:
         self.task, self.num_labels = task, num_labels
+        sync = {"process_group": process_group}
         if task == "semantic":
             from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
             self.metrics = {
-                "miou": MulticlassJaccardIndex(num_labels, average="macro", ignore_index=IGNORE_INDEX),
-                "pixel_accuracy": MulticlassAccuracy(num_labels, average="micro", ignore_index=IGNORE_INDEX),
+                "miou": MulticlassJaccardIndex(num_labels, average="macro", ignore_index=IGNORE_INDEX, **sync),
+                "pixel_accuracy": MulticlassAccuracy(num_labels, average="micro", ignore_index=IGNORE_INDEX, **sync),
             }
         elif task == "panoptic":
             from torchmetrics.detection import PanopticQuality
@@ -47,7 +50,9 @@ class SegmentationMetrics:
             # torchmetrics' void: a target segment mostly covered by predicted void is not counted as missed there,
             # which would let a model that predicts nothing score well. The extra class is left out of the average.
             self.metrics = {
-                "pq": PanopticQuality(things | {num_labels}, stuffs, return_sq_and_rq=True, return_per_class=True)
+                "pq": PanopticQuality(
+                    things | {num_labels}, stuffs, return_sq_and_rq=True, return_per_class=True, **sync
+                )
             }
         else:
             raise ValueError(f"unknown task {task!r}; valid tasks: semantic, panoptic")
@@ -119,6 +124,7 @@ def evaluate(
     precision: str = "fp32",
     workers: int = 0,
     progress: bool = False,
+    process_group: Any = None,
 ) -> dict[str, float]:
     """Score ``model`` on ``dataset``: :data:`MAIN_METRIC` of its task and the others, as fractions in [0, 1].
 
@@ -131,13 +137,14 @@ def evaluate(
         precision: ``fp32`` or ``bf16`` (autocast).
         workers: DataLoader worker processes.
         progress: Show a progress bar.
+        process_group: See :class:`SegmentationMetrics`.
     """
     from tqdm.auto import tqdm
 
     was_training = model.training
     model.eval()
     device = torch.device(device)
-    metrics = SegmentationMetrics(dataset.task, dataset.num_labels, sorted(dataset.thing_ids))
+    metrics = SegmentationMetrics(dataset.task, dataset.num_labels, sorted(dataset.thing_ids), process_group)
     stuff = set(range(dataset.num_labels)) - dataset.thing_ids
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, shard(len(dataset))),
@@ -165,10 +172,10 @@ def evaluate(
     return metrics.compute()
 
 
-def constant_baseline(dataset: SegmentationDataset, class_index: int) -> dict[str, float]:
+def constant_baseline(dataset: SegmentationDataset, class_index: int, process_group: Any = None) -> dict[str, float]:
     """The metrics of predicting ``class_index`` everywhere (panoptic: one segment of it per image), to read a
-    model's scores against."""
-    metrics = SegmentationMetrics(dataset.task, dataset.num_labels, sorted(dataset.thing_ids))
+    model's scores against (``process_group``: see :class:`SegmentationMetrics`)."""
+    metrics = SegmentationMetrics(dataset.task, dataset.num_labels, sorted(dataset.thing_ids), process_group)
     for index in shard(len(dataset)):
         segmentation, instance_classes = dataset.read_target(index)
         sample = Sample(torch.empty(0), segmentation, instance_classes, "")

@@ -250,8 +250,12 @@ class Processes:
         self.device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
         if use_cuda:
             torch.cuda.set_device(self.device)
+        # the group that sums the metrics' counts, which live on the CPU: the default one, or gloo beside nccl
+        self.metrics_group = None
         if self.world_size > 1:
             torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+            if use_cuda:
+                self.metrics_group = torch.distributed.new_group(backend="gloo")
 
     @property
     def main(self) -> bool:
@@ -421,13 +425,14 @@ def _run(args: argparse.Namespace, procs: Processes) -> RunResult:
         "precision": args.precision,
         "workers": args.workers,
         "progress": progress,
+        "process_group": procs.metrics_group,
     }
     most_frequent = int(val_counts.argmax())
     if args.eval_only:
         state = (
             load_training_state(checkpoint / STATE_NAME) if checkpoint and (checkpoint / STATE_NAME).is_file() else {}
         )
-        baseline = constant_baseline(val_set, most_frequent)
+        baseline = constant_baseline(val_set, most_frequent, procs.metrics_group)
         results = evaluate(model, processor, val_set, **eval_kwargs)
         step = state.get("step", 0)
         if procs.main:
@@ -442,7 +447,7 @@ def _run(args: argparse.Namespace, procs: Processes) -> RunResult:
     trainer = _Trainer(args, procs, model, processor, optimizer, train_set, val_set, eval_kwargs)
     if args.resume:
         trainer.restore(load_training_state(last / STATE_NAME), last)
-    baseline = constant_baseline(val_set, most_frequent) if trainer.state["step"] == 0 else None
+    baseline = constant_baseline(val_set, most_frequent, procs.metrics_group) if trainer.state["step"] == 0 else None
     if procs.main:
         trainer.open_log(output / "log.jsonl", baseline, val_set.id2label[most_frequent])
     results = trainer.train(last, best, baseline)
