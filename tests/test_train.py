@@ -373,15 +373,22 @@ def test_checkpoint_loads_in_transformers(data, tmp_path):
 
 
 # backbone options -----------------------------------------------------------------------------------------------------
-def test_pretrained_backbone_weights_reach_the_model(data, tmp_path):
+@pytest.mark.parametrize("source", ["folder", "hub id"])
+def test_pretrained_backbone_weights_reach_the_model(data, tmp_path, monkeypatch, source):
+    from hub_cache import make_hub_cache, use_hub_cache
+
     torch.manual_seed(7)
-    source = TimmBackbone(TimmBackboneConfig("test_resnet"))
-    source.save_pretrained(tmp_path / "backbone")
-    expected = {k: v for k, v in source.state_dict().items()}
-    base = ["--backbone", tmp_path / "backbone", "--pretrained-backbone", *HEAD, *RUN]
+    backbone = TimmBackbone(TimmBackboneConfig("test_resnet"))
+    backbone.save_pretrained(tmp_path / "backbone")
+    src = str(tmp_path / "backbone")
+    if source == "hub id":  # from the offline hub cache, as a user's download would be found
+        make_hub_cache(tmp_path / "hub", "org/tiny-resnet", tmp_path / "backbone")
+        use_hub_cache(monkeypatch, tmp_path / "hub")
+        src = "org/tiny-resnet"
+    base = ["--backbone", src, "--pretrained-backbone", *HEAD, *RUN]
     result = train(data["folder"], "folder", tmp_path / "run", "--eval-only", base=base)
     encoder = result.model.model.pixel_level_module.encoder.state_dict()
-    for key, value in expected.items():
+    for key, value in backbone.state_dict().items():
         torch.testing.assert_close(encoder[key], value, rtol=0, atol=0, msg=key)
     with pytest.raises(OSError, match="nope"):
         load_pretrained_backbone(result.model, str(tmp_path / "nope"))
