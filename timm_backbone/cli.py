@@ -147,6 +147,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import cmd_train as run_train
+
+    return run_train(args)
+
+
 def _indices(text: str) -> list[int]:
     try:
         return [int(v) for v in text.replace(",", " ").split()]
@@ -216,6 +222,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default=None, help="timm architecture of a timm weights file (e.g. resnet50)")
     p.add_argument("--config", default=None, help="transformers config.json of a transformers weights file")
     p.set_defaults(func=cmd_convert)
+
+    from .train import add_arguments as add_train_arguments
+
+    p = sub.add_parser(
+        "train",
+        help="fine-tune MaskFormer with any backbone on a local dataset (ade20k, folder or coco-panoptic layout)",
+        description="Trains MaskFormerForInstanceSegmentation over --backbone (or --config) on --data, evaluates each "
+        "epoch (mIoU / PQ) and writes OUTPUT/log.jsonl, OUTPUT/last and OUTPUT/best. Under torchrun each process "
+        "trains on its share of the data (DistributedDataParallel). See docs/training.md.",
+    )
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
     return parser
 
 
