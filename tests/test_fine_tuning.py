@@ -190,10 +190,8 @@ def _timm_reference(name: str, model: nn.Module) -> tuple[nn.Module, dict[str, s
     """The timm model whose grouping the backbone must reproduce, and our names -> a timm parameter of the same
     module (the group is decided by the module)."""
     if name.startswith("timm"):
-        # feature nets drop the classifier; the whole model (features_only=False) keeps it
-        reference = timm.create_model(
-            model.config.backbone, **({"num_classes": 0} if model.config.features_only else {})
-        )
+        # the backbone holds no classifier (feature nets drop it; features_only=False prunes it)
+        reference = timm.create_model(model.config.backbone, num_classes=0)
         if model.config.features_only and hasattr(reference, "head"):
             reference.head = nn.Identity()  # MambaOut's head keeps a norm and an MLP without classes
         return reference, model.timm_parameter_names()
