@@ -61,7 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--dropout", type=float, default=0.0, help="query decoder dropout (default 0.0, as Mask2Former; DETR: 0.1)"
     )
-    model.add_argument("--frozen-stages", type=int, help="freeze the backbone's first K stages (stem = stage 0)")
+    model.add_argument(
+        "--frozen-stages", type=int, help="backbone.freeze_stages(K): 0 freezes the stem, K also the first K stages"
+    )
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, help="dataset folder")
     data.add_argument("--format", required=True, choices=FORMATS, help="dataset layout (see docs/training.md)")
