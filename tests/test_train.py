@@ -394,43 +394,34 @@ def test_pretrained_backbone_weights_reach_the_model(data, tmp_path, monkeypatch
         load_pretrained_backbone(result.model, str(tmp_path / "nope"))
 
 
-def test_frozen_stages_call_the_backbone(data, trained, tmp_path, monkeypatch):
+def test_frozen_stages_freeze_the_backbone(data, trained, tmp_path):
     model = MaskFormerForInstanceSegmentation.from_pretrained(trained("folder")[0] / "last")
     model.model.pixel_level_module.encoder = torch.nn.Identity()  # a backbone without freeze_stages
     with pytest.raises(ValueError, match="--frozen-stages: Identity does not support freezing stages yet"):
         freeze_backbone_stages(model, 1)
-    asked = []
-
-    def freeze_stages(self, stages):  # the contract: the first `stages` stages stop learning
-        asked.append(stages)
-        for name, p in self.named_parameters():
-            if name.startswith("_backbone.conv1"):
-                p.requires_grad_(False)
-
-    monkeypatch.setattr(TimmBackbone, "freeze_stages", freeze_stages, raising=False)
     out = tmp_path / "b"
     result = train(data["folder"], "folder", out, "--steps", "1", "--frozen-stages", "1", "--lr", "0.1")
-    assert asked == [1]
     start = _records(out, "start")[0]
     assert 0 < start["trainable_parameters"] < start["parameters"]
     encoder = result.model.model.pixel_level_module.encoder
-    frozen = [p for n, p in encoder.named_parameters() if not p.requires_grad]
-    assert frozen and all(p.grad is None for p in frozen)
+    assert encoder.config.frozen_stages == 1
+    frozen = {n for n, p in encoder.named_parameters() if not p.requires_grad}
+    stem_and_stage1 = {id(p) for i in (0, 1) for p in encoder.stage_parameters(i)}
+    assert {id(p) for n, p in encoder.named_parameters() if n in frozen} == stem_and_stage1
+    assert all(p.grad is None for n, p in encoder.named_parameters() if n in frozen)
 
 
-def test_layer_decay_needs_and_uses_group_matcher(data, tmp_path, monkeypatch):
+def test_layer_decay_uses_the_models_group_matcher(data, tmp_path):
     with pytest.raises(ValueError, match=r"--layer-decay needs a model that groups its layers .*Linear has none"):
         build_optimizer(torch.nn.Linear(2, 2), lr=1.0, weight_decay=0.05, layer_decay=0.5)
-
-    def group_matcher(self, coarse=False):  # backbone first, then the head
-        return {"stem": r"^model\.pixel_level_module\.encoder", "blocks": r"^model\.(?:pixel_level_module|transformer)"}
-
-    monkeypatch.setattr(MaskFormerForInstanceSegmentation, "group_matcher", group_matcher, raising=False)
     result = train(data["folder"], "folder", tmp_path / "b", "--steps", "1", "--layer-decay", "0.5")
     model = result.model
     optimizer = build_optimizer(model, lr=1.0, weight_decay=0.05, layer_decay=0.5)
     scales = sorted({g["lr_scale"] for g in optimizer.param_groups})
-    assert len(scales) >= 2 and scales[-1] == 1.0 and scales[0] < 1.0
+    assert len(scales) >= 3 and scales[-1] == 1.0 and scales[0] < 1.0
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    head = [g["lr_scale"] for g in optimizer.param_groups for p in g["params"] if "encoder." not in by_id[id(p)]]
+    assert set(head) == {1.0}  # the head is the last group: full learning rate
     scheduler = build_scheduler(optimizer, "cosine", total_steps=10, warmup_steps=0)
     scheduler.step_update(0)
     assert all(g["lr"] == pytest.approx(g["lr_scale"]) for g in optimizer.param_groups)
