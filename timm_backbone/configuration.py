@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -121,12 +123,10 @@ class PretrainedConfig:
             raise ValueError(
                 f"loading the weights file {source.name} needs config=, the {cls.__name__} of its model{hint}"
             )
-        try:
+        with naming_config_file(source):
             if source.kind == "timm":
                 return cls.from_timm_dict(source.config_dict(), name=source.name, **overrides)
             config = cls.from_dict(source.config_dict(), **overrides)
-        except (ValueError, TypeError) as err:
-            raise type(err)(f"{source.config_path()}: {err}") from err
         config.name_or_path = source.name
         return config
 
@@ -266,6 +266,18 @@ def _id2label(id2label: Any) -> dict[int, Any]:
         except (TypeError, ValueError):
             raise ValueError(f"id2label keys must be class ids (integers), got {key!r}") from None
     return out
+
+
+@contextmanager
+def naming_config_file(source: Source) -> Iterator[None]:
+    """Prefix the ``ValueError``/``TypeError`` of a config built from ``source`` with the file it was read from."""
+    try:
+        yield
+    except (ValueError, TypeError) as err:
+        where = source.config_path()
+        if str(err).startswith(where):
+            raise
+        raise (TypeError if isinstance(err, TypeError) else ValueError)(f"{where}: {err}") from err
 
 
 def _jsonable(value: Any) -> Any:

@@ -297,9 +297,9 @@ def check_config_fits_weights(config: PretrainedConfig, source: Source) -> None:
     if summary is None:
         return
     path, count, elements = summary
-    if estimate > 2 * elements + 2**20:
+    if estimate > 2 * elements + 4096:
         fields = ", ".join(f"{k}={getattr(config, k)!r}" for k in config.size_fields)
         raise ValueError(
-            f"the config does not fit {path}: it describes a model of at least {estimate} parameters, but the file "
-            f"holds {elements} values in {count} tensors (check {fields})"
+            f"the config {source.config_path()} does not fit {path}: it describes a model of at least {estimate} "
+            f"parameters, but the file holds {elements} values in {count} tensors (check {fields})"
         )

@@ -251,7 +251,9 @@ def _feature_net(arch: str, kwargs: dict[str, Any], features_only: bool, out_ind
 
 
 def _stage_info(arch: str, kwargs: dict[str, Any], features_only: bool) -> list[dict[str, Any]]:
-    """Every feature stage of the model (timm's ``feature_info``), read from a copy built on the meta device."""
+    """Every feature stage of the model (timm's ``feature_info``), read from a copy built on the meta device (without
+    pretrained weights: nothing is read for it)."""
+    kwargs = {k: v for k, v in kwargs.items() if k not in FETCHING_ARGS}
     with torch.device("meta"):
         probe = _feature_net(arch, kwargs, features_only, out_indices=(-1,)) if features_only else None
         if probe is None:
