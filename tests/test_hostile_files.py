@@ -99,6 +99,12 @@ def test_timm_repo_config_and_task_config_cannot_fetch(tmp_path, no_network):
     (tmp_path / "config.json").write_text(json.dumps(task))
     with pytest.raises(ValueError, match=r"backbone_kwargs sets 'pretrained_cfg_overlay'"):
         AutoConfig.from_pretrained(tmp_path)
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"  # a folder beside this one: not read
+    build("resnet").config.save_pretrained(outside)
+    for backbone in (str(outside), f"../{outside.name}"):
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": "maskformer", "backbone": backbone}))
+        with pytest.raises(ValueError, match=r"names a local path; a config file may name its backbone by timm name"):
+            AutoConfig.from_pretrained(tmp_path)
 
 
 def test_the_same_keys_passed_in_code_are_honoured(tmp_path, no_network):

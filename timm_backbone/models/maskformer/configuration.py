@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 from ...auto import register
@@ -214,10 +215,16 @@ class MaskFormerConfig(PretrainedConfig):
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **overrides: Any) -> MaskFormerConfig:
-        """As the base; ``backbone_kwargs`` read from a file may not make timm fetch weights (see
-        :func:`~timm_backbone.models.timm_backbone.check_file_model_args`)."""
+        """As the base; a file may not name its ``backbone`` by local path, and its ``backbone_kwargs`` may not make
+        timm fetch weights (see :func:`~timm_backbone.models.timm_backbone.check_file_model_args`)."""
         from ..timm_backbone import check_file_model_args
 
+        backbone = None if config_dict.get("use_timm_backbone") else config_dict.get("backbone")  # timm: a name
+        if isinstance(backbone, str) and (os.path.isabs(backbone) or os.path.exists(backbone) or ".." in backbone):
+            raise ValueError(
+                f"backbone {backbone!r} names a local path; a config file may name its backbone by timm name or hub "
+                f"id only (pass backbone_config=..., or backbone= in code, for a local folder)"
+            )
         if config_dict.get("backbone_kwargs"):
             check_file_model_args(config_dict["backbone_kwargs"], "backbone_kwargs")
             check_file_model_args(config_dict["backbone_kwargs"].get("model_args") or {}, "backbone_kwargs.model_args")
