@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .configuration import PretrainedConfig
+from .configuration import PretrainedConfig, naming_config_file
 from .hub import CONFIG_NAME, Source, pop_hub_kwargs, resolve_source
 from .image_processing import PROCESSOR_NAME
 
@@ -286,7 +286,8 @@ class AutoConfig:
             from .models.timm_backbone import TimmBackboneConfig
 
             return TimmBackboneConfig.from_source(source, **kwargs)
-        config = AutoConfig.from_dict(source.config_dict(), **kwargs)
+        with naming_config_file(source):
+            config = AutoConfig.from_dict(source.config_dict(), **kwargs)
         if source.kind != "file":
             config.name_or_path = source.name
         return config
@@ -354,11 +355,12 @@ class AutoBackbone:
         config = load_kwargs.pop("config", None)
         if config is None:
             model_type = config_dict.get("model_type")
-            if model_type in TASK_BACKBONE_PREFIXES and kwargs:  # the overrides are the backbone's
-                config = AutoConfig.from_dict(config_dict)
-            else:
-                config = AutoConfig.from_dict(config_dict, **kwargs)
-                kwargs = {}
+            with naming_config_file(source):
+                if model_type in TASK_BACKBONE_PREFIXES and kwargs:  # the overrides are the backbone's
+                    config = AutoConfig.from_dict(config_dict)
+                else:
+                    config = AutoConfig.from_dict(config_dict, **kwargs)
+                    kwargs = {}
             config.name_or_path = source.name
         if config.model_type in TASK_BACKBONE_PREFIXES and not _is_backbone_config(config):
             return AutoBackbone._from_task_checkpoint(source, config, kwargs, load_kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -14,7 +15,7 @@ import torch.utils._pytree as pytree
 def _as_list(value: Any, name: str) -> list | None:
     if value is None:
         return None
-    if isinstance(value, (str, int)):
+    if isinstance(value, (str, numbers.Integral)):
         return [value]
     if isinstance(value, (list, tuple, range)):
         return list(value)
@@ -54,8 +55,9 @@ def align_stage_selection(
             raise ValueError(f"out_indices must not be empty; valid stages are {{{choices}}}")
         normalised = []
         for idx in indices:
-            if isinstance(idx, bool) or not isinstance(idx, int):
+            if isinstance(idx, bool) or not isinstance(idx, numbers.Integral):
                 raise TypeError(f"out_indices must contain ints, got {idx!r} ({type(idx).__name__})")
+            idx = int(idx)  # numpy integers too
             if not -num_stages <= idx < num_stages:
                 raise ValueError(
                     f"out_indices entry {idx} is out of range for {num_stages} stages; valid indices are "
@@ -469,10 +471,16 @@ class BackboneMixin:
         min_size = self.min_input_size if min_size is None else min_size
         height, width = pixel_values.shape[-2:]
         if height < min_size or width < min_size:
+            deepest = max(self.out_indices)
+            why = (
+                f"the deepest selected stage {self.stage_names[deepest]!r} has stride {self.stage_strides[deepest]}; "
+                f"resize or pad the images, or select shallower stages"
+                if min_size == self.stage_strides[deepest]
+                else f"{type(self).__name__} needs images of at least that size; resize or pad the images"
+            )
             raise ValueError(
                 f"pixel_values is {height}x{width} (height x width), smaller than the minimum {min_size}x{min_size}: "
-                f"the deepest selected stage {self.stage_names[max(self.out_indices)]!r} has stride "
-                f"{self.stage_strides[max(self.out_indices)]}; resize or pad the images, or select shallower stages"
+                f"{why}"
             )
         weight = next(self.parameters(), None) if isinstance(self, torch.nn.Module) else None
         if (

@@ -142,7 +142,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert_checkpoint
 
-    result = convert_checkpoint(args.src, args.dst, to=args.to, architecture=args.arch, config=args.config)
+    result = convert_checkpoint(
+        args.src, args.dst, to=args.to, architecture=args.arch, config=args.config, in_place=args.in_place
+    )
     print(result.summary())
     return 0
 
@@ -151,6 +153,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import cmd_train as run_train
 
     return run_train(args)
+
+
+def _positive_size(text: str) -> int:
+    try:
+        size = int(text)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"--size takes a positive number of pixels such as 224, got {text!r}")
+    return size
 
 
 def _indices(text: str) -> list[int]:
@@ -178,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", default=None, help="image file (default: a generated test picture)")
     p.add_argument(
         "--size",
-        type=int,
+        type=_positive_size,
         default=None,
         help="resize to SIZE x SIZE with ImageNet statistics (default: the model's image processor, else 224)",
     )
@@ -221,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=["timm", "transformers"], default=None, help="target layout (default: the other)")
     p.add_argument("--arch", default=None, help="timm architecture of a timm weights file (e.g. resnet50)")
     p.add_argument("--config", default=None, help="transformers config.json of a transformers weights file")
+    p.add_argument("--in-place", action="store_true", help="allow DST to be SRC (the source is rewritten)")
     p.set_defaults(func=cmd_convert)
 
     from .train import add_arguments as add_train_arguments

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -30,8 +32,10 @@ class PretrainedConfig:
         num_labels = kwargs.pop("num_labels", None)
         kwargs.pop("label2id", None)
         if id2label is not None:
-            self.id2label = {int(k): v for k, v in id2label.items()}
+            self.id2label = _id2label(id2label)
         else:
+            if num_labels is not None:
+                check_int("num_labels", num_labels, low=0, high=MAX_LABELS)
             self.id2label = {i: f"LABEL_{i}" for i in range(num_labels if num_labels is not None else 2)}
         # transformers' output flags: forward() arguments left at None read them
         self.output_hidden_states = bool(kwargs.pop("output_hidden_states", False))
@@ -119,9 +123,10 @@ class PretrainedConfig:
             raise ValueError(
                 f"loading the weights file {source.name} needs config=, the {cls.__name__} of its model{hint}"
             )
-        if source.kind == "timm":
-            return cls.from_timm_dict(source.config_dict(), name=source.name, **overrides)
-        config = cls.from_dict(source.config_dict(), **overrides)
+        with naming_config_file(source):
+            if source.kind == "timm":
+                return cls.from_timm_dict(source.config_dict(), name=source.name, **overrides)
+            config = cls.from_dict(source.config_dict(), **overrides)
         config.name_or_path = source.name
         return config
 
@@ -155,6 +160,124 @@ class PretrainedConfig:
     def _prepare_dict(cls, config_dict: dict[str, Any]) -> dict[str, Any]:
         """Hook for subclasses to rename legacy keys before ``__init__``."""
         return config_dict
+
+    # validation ----------------------------------------------------------------------------------------------------
+    # fields that size the model, named when a config does not fit a weights file
+    size_fields: ClassVar[tuple[str, ...]] = ()
+
+    def validate(self) -> None:
+        """Check every field's type and range, and that the model it describes is of a sane size; families add their
+        fields. Called at the end of each family's ``__init__``.
+
+        Raises:
+            TypeError, ValueError: naming the field, its value and what it takes.
+        """
+        estimate = self.num_parameters_estimate()
+        if estimate is not None and estimate > MAX_PARAMETERS:
+            fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.size_fields)
+            raise ValueError(
+                f"{type(self).__name__} describes a model of about {estimate:.3g} parameters, more than the limit "
+                f"{MAX_PARAMETERS:.3g}; check the size fields ({fields})"
+            )
+
+    def num_parameters_estimate(self) -> int | None:
+        """About how many parameters the model has (a lower bound that ignores norms and biases), computed from the
+        fields without building anything; ``None`` when the family cannot tell."""
+        return None
+
+
+# limits of a sane config: larger values are typing mistakes or hostile files, and would allocate for minutes
+MAX_PARAMETERS = 2**33
+MAX_WIDTH = 2**16
+MAX_DEPTH = 1024
+MAX_STAGES = 64
+MAX_LABELS = 2**20
+
+
+def check_int(name: str, value: Any, low: int = 1, high: int = MAX_WIDTH) -> int:
+    """``value`` as an int in ``[low, high]``.
+
+    Raises:
+        TypeError: not an int (bools and strings included).
+        ValueError: out of range.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def check_ints(name: str, value: Any, low: int = 1, high: int = MAX_WIDTH, max_len: int = MAX_STAGES) -> list[int]:
+    """``value`` as a non-empty list of ints in ``[low, high]``.
+
+    Raises:
+        TypeError: not a list or tuple of ints.
+        ValueError: empty, longer than ``max_len``, or an entry out of range.
+    """
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list of ints, got {value!r} ({type(value).__name__})")
+    if not 1 <= len(value) <= max_len:
+        raise ValueError(f"{name} must have 1 to {max_len} entries, got {len(value)}")
+    for i, entry in enumerate(value):
+        check_int(f"{name}[{i}]", entry, low, high)
+    return list(value)
+
+
+def check_float(name: str, value: Any, low: float = 0.0, high: float = float("inf"), low_open: bool = False) -> float:
+    """``value`` as a finite number in ``[low, high]`` (``(low, high]`` with ``low_open``).
+
+    Raises:
+        TypeError: not an int or float.
+        ValueError: NaN, infinite or out of range.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if value < low or value > high or (low_open and value == low):
+        bounds = f"{'(' if low_open else '['}{low}, {high}]"
+        raise ValueError(f"{name} must be in {bounds}, got {value}")
+    return float(value)
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> Any:
+    """``value`` if it is one of ``choices``.
+
+    Raises:
+        ValueError: another value, the choices listed.
+    """
+    if not any(value == c and type(value) is type(c) for c in choices):
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def _id2label(id2label: Any) -> dict[int, Any]:
+    if not isinstance(id2label, dict):
+        raise TypeError(
+            f"id2label must be an object mapping class ids to names ({{'0': 'cat'}}), got {type(id2label).__name__}"
+        )
+    if len(id2label) > MAX_LABELS:
+        raise ValueError(f"id2label has {len(id2label)} entries, more than the limit {MAX_LABELS}")
+    out = {}
+    for key, value in id2label.items():
+        try:
+            out[int(key)] = value
+        except (TypeError, ValueError):
+            raise ValueError(f"id2label keys must be class ids (integers), got {key!r}") from None
+    return out
+
+
+@contextmanager
+def naming_config_file(source: Source) -> Iterator[None]:
+    """Prefix the ``ValueError``/``TypeError`` of a config built from ``source`` with the file it was read from."""
+    try:
+        yield
+    except (ValueError, TypeError) as err:
+        where = source.config_path()
+        if str(err).startswith(where):
+            raise
+        raise (TypeError if isinstance(err, TypeError) else ValueError)(f"{where}: {err}") from err
 
 
 def _jsonable(value: Any) -> Any:

@@ -144,6 +144,7 @@ def convert_checkpoint(
     to: str | None = None,
     architecture: str | None = None,
     config: str | os.PathLike | dict[str, Any] | None = None,
+    in_place: bool = False,
 ) -> ConversionResult:
     """Convert a Swin or ResNet checkpoint between timm's and transformers' layouts.
 
@@ -153,12 +154,21 @@ def convert_checkpoint(
         to: ``"timm"`` or ``"transformers"``; by default the layout the source is not in.
         architecture: The timm architecture of a timm weights file (needed for a folder output).
         config: A transformers ``config.json`` (path or dict) for a transformers weights file (folder output).
+        in_place: Allow ``dst`` to be ``src`` itself (or a file inside the ``src`` folder): the source is rewritten.
 
     Raises:
-        ValueError: unknown layout, an unsupported architecture, or a weights file without what its config needs.
+        ValueError: unknown layout, an unsupported architecture, a weights file without what its config needs, or
+            an output that would overwrite the source without ``in_place``.
         OSError: the source cannot be read or the output written.
     """
     src, dst = os.fspath(src), os.fspath(dst)
+    if not in_place and os.path.exists(src):
+        real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
+        if real_dst == real_src or (os.path.isdir(real_src) and os.path.dirname(real_dst) == real_src):
+            raise ValueError(
+                f"the output {dst} would overwrite the source {src}; choose another output, or pass --in-place "
+                f"(in_place=True) to rewrite the source"
+            )
     if to is not None and to not in LAYOUTS:
         raise ValueError(f"to must be one of {list(LAYOUTS)}, got {to!r}")
     state_dict, src_config = _read_source(src)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,12 +16,17 @@ from typing import Any
 
 import torch
 
+from .file_safety import check_bin_storage, folder_lock, read_safetensors, safetensors_shapes, target_mode
+
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 WEIGHTS_NAME = "pytorch_model.bin"
 WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
 WEIGHT_FILE_NAMES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+# one random id per save_pretrained, written in config.json and in the safetensors metadata: a folder whose two ids
+# differ holds files of two different saves
+SAVE_ID_KEY = "_weights_save_id"
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -31,9 +38,13 @@ def is_offline(local_files_only: bool = False) -> bool:
     return bool(local_files_only or constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE)
 
 
+_REPO_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 def looks_like_repo_id(src: str) -> bool:
+    """``name`` or ``org/name`` with the hub's characters; never ``.``/``..`` or anything that walks a path."""
     parts = src.split("/")
-    return len(parts) in (1, 2) and all(parts) and not src.startswith((".", "~")) and "\\" not in src
+    return len(parts) in (1, 2) and all(_REPO_PART.fullmatch(p) for p in parts) and ".." not in src
 
 
 def resolve_file(
@@ -273,11 +284,72 @@ class Source:
         raise OSError(f"{source.describe()}{of} has none of the weight files {list(WEIGHT_FILE_NAMES)}"
                       f"{source.offline_note()}")  # fmt: skip
 
-    def load_state_dict(self) -> tuple[dict[str, torch.Tensor], str]:
-        """The source's weights and the path they were read from."""
+    def load_state_dict(self, max_bytes: int | None = None) -> tuple[dict[str, torch.Tensor], str]:
+        """The source's weights and the path they were read from.
+
+        Args:
+            max_bytes: Refuse a ``.bin`` declaring more tensor storage than this (see :func:`load_weights`).
+
+        Raises:
+            OSError: the weights cannot be read, or the folder's ``model.safetensors`` and ``config.json`` come from
+                two different saves.
+        """
         path = self.weights_file()
         source = self.weights_source()
-        return load_weights(path, src=source.name if source.is_repo else None, **source.hub_kwargs), str(path)
+        if source is self and self.is_repo and path.name == SAFE_WEIGHTS_NAME:
+            state_dict, metadata = read_safetensors(path)
+            self.check_pair(path, metadata)
+            return state_dict, str(path)
+        src = source.name if source.is_repo else None
+        return load_weights(path, src=src, max_bytes=max_bytes, **source.hub_kwargs), str(path)
+
+    def check_pair(self, weights_path: Path, metadata: dict[str, str] | None) -> None:
+        """Raise ``OSError`` when the weights' save id is not the one ``config.json`` records (both written by
+        ``save_pretrained``); a file without an id (written by another tool) is not checked."""
+        config = self.read_json(CONFIG_NAME) or {}
+        expected = config.get(SAVE_ID_KEY)
+        found = (metadata or {}).get(SAVE_ID_KEY)
+        if expected is not None and found is not None and found != expected:
+            raise OSError(
+                f"{weights_path} and the {CONFIG_NAME} beside it come from two different saves (save ids "
+                f"{found!r} and {expected!r}): the folder holds a mixed pair, left by an interrupted or concurrent "
+                f"save_pretrained; save the model into it again"
+            )
+
+    def weights_summary(self) -> tuple[str, int, int] | None:
+        """``(path, number of tensors, number of elements)`` of safetensors weights, read from their headers only;
+        ``None`` for other formats or a source without weights."""
+        try:
+            path = self.weights_file()
+        except (OSError, ValueError):
+            return None
+        source = self.weights_source()
+        if path.suffix == ".safetensors":
+            files = [path]
+        elif path.name == SAFE_WEIGHTS_INDEX_NAME:
+            src = source.name if source.is_repo else path.parent
+            files = [resolve_file(src, shard, **source.hub_kwargs) for shard in shard_names(path, read_json(path))]
+            if any(f is None for f in files):
+                return None
+        else:
+            return None
+        count = elements = 0
+        for file in files:
+            for shape in safetensors_shapes(file).values():
+                count += 1
+                elements += math.prod(shape)
+        return str(path), count, elements
+
+    def config_path(self) -> str:
+        """Where the config was read from, for messages: the ``config.json`` path, or the timm name."""
+        if self.kind == "file":
+            return self.name
+        if self.kind == "timm":
+            if self.name.startswith("hf-hub:"):
+                return self.weights_source().config_path()
+            return f"timm model {self.name!r}"
+        path = self.resolve(CONFIG_NAME)
+        return os.fspath(path) if path is not None else self.describe()
 
     def offline_note(self) -> str:
         """For messages about a missing file: offline, a cached repo may simply lack files never downloaded."""
@@ -307,15 +379,15 @@ def resolve_source(src: str | os.PathLike, *, hub_repo_only: bool = False, **hub
     name = os.fspath(src)
     tried = []
     if not hub_repo_only:
-        if os.path.isfile(name):
-            return Source(name, "file", hub_kwargs)
-        if os.path.isdir(name):
-            return Source(name, "folder", hub_kwargs)
-        if name.startswith("hf-hub:"):
+        if name.startswith("hf-hub:"):  # always a hub id, even where a folder of that name exists
             repo = name[len("hf-hub:") :]
             if not looks_like_repo_id(repo) or "/" not in repo:
                 raise OSError(f"{name!r} does not name a hub repo: 'hf-hub:' takes an id of the form 'org/name'")
             return Source(name, "timm", hub_kwargs)
+        if os.path.isfile(name):
+            return Source(name, "file", hub_kwargs)
+        if os.path.isdir(name):
+            return Source(name, "folder", hub_kwargs)
         tried.append(f"a local folder: {os.path.abspath(name)} does not exist")
         if "/" not in name:  # timm names never contain '/'; hub ids are 'org/name'
             try:
@@ -355,54 +427,87 @@ def _snapshot_commit(path: Path | None) -> str | None:
 
 
 def read_json(path: str | os.PathLike) -> dict:
+    """A JSON file holding an object.
+
+    Raises:
+        OSError: naming the file, when it cannot be read, is not UTF-8 JSON (nesting too deep and integers too long
+            for Python included), or holds something other than an object.
+    """
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except json.JSONDecodeError as err:
+    except UnicodeDecodeError as err:
+        raise OSError(f"{path} is not valid JSON: it is not UTF-8 text ({err.reason} at byte {err.start})") from err
+    except RecursionError:
+        raise OSError(f"{path} is not valid JSON for this reader: it is nested too deeply") from None
+    except ValueError as err:  # JSONDecodeError, and integers longer than Python converts
         raise OSError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(data, dict):
         raise OSError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data
 
 
-def load_weights(path: str | os.PathLike, src: str | os.PathLike | None = None, **hub_kwargs: Any) -> dict:
+def shard_names(path: str | os.PathLike, index: dict[str, Any]) -> list[str]:
+    """The shard files a checkpoint index names, checked: ``weight_map`` maps tensor names to relative file names
+    inside the checkpoint folder.
+
+    Raises:
+        OSError: naming the index and the offending entry.
+    """
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise OSError(f"{path} has no 'weight_map' object; it is not a sharded checkpoint index")
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise OSError(
+                f"{path}: weight_map[{key!r}] must be a shard file name (a string), got {type(shard).__name__}"
+            )
+        if not shard or os.path.isabs(shard) or ".." in Path(shard).parts or "\\" in shard:
+            raise OSError(f"{path} names the shard {shard!r}, which is not a file inside the checkpoint folder")
+    return sorted(set(weight_map.values()))
+
+
+def load_weights(
+    path: str | os.PathLike, src: str | os.PathLike | None = None, max_bytes: int | None = None, **hub_kwargs: Any
+) -> dict:
     """Read a state dict from safetensors, a ``.bin`` (weights only, never arbitrary pickles) or a shard index.
 
     Args:
         path: The weight file.
         src: Where shards named by an index file are resolved (defaults to the index's folder).
+        max_bytes: Refuse a ``.bin`` whose tensor storage is declared larger than this (a zip bomb), before any
+            of it is read; ``None`` checks only that storage is not compressed.
         **hub_kwargs: Passed to :func:`resolve_file` for shards.
+
+    Raises:
+        OSError: the file is missing, corrupt, needs code to unpickle, or declares more storage than ``max_bytes``.
     """
     path = Path(path)
     if path.name.endswith(".index.json"):
         index = read_json(path)
-        weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise OSError(f"{path} has no 'weight_map' object; it is not a sharded checkpoint index")
         state_dict: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            if not isinstance(shard, str) or os.path.isabs(shard) or ".." in Path(shard).parts:
-                raise OSError(f"{path} names the shard {shard!r}, which is not a file inside the checkpoint folder")
+        for shard in shard_names(path, index):
             shard_path = resolve_file(src if src is not None else path.parent, shard, **hub_kwargs)
             if shard_path is None:
                 raise OSError(f"shard {shard!r} named in {path} was not found")
-            state_dict.update(load_weights(shard_path))
+            state_dict.update(load_weights(shard_path, max_bytes=max_bytes))
         return state_dict
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(os.fspath(path))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise OSError(f"could not read {path}: the safetensors file is truncated or corrupt ({err})") from err
+        return read_safetensors(path)[0]
+    check_bin_storage(path, max_bytes)
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
+        # torch's message advises retrying with weights_only=False: the wrong advice for an untrusted file
+        reason = "; ".join(
+            line.strip()
+            for line in str(err).splitlines()
+            if line.strip() and "weights_only" not in line and "Weights only load failed" not in line
+        )
         raise OSError(
             f"could not read {path} as plain tensors with torch.load(weights_only=True) ({type(err).__name__}: "
-            f"{err}); files that need arbitrary code to unpickle are refused"
-        ) from err
+            f"{reason}); files that need arbitrary code to unpickle are refused"
+        ) from None
     if isinstance(state_dict, dict):
         state_dict = unwrap_state_dict(state_dict)
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
@@ -423,29 +528,42 @@ def unwrap_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
 
 @contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
-    """Write to a temporary file beside ``path`` and move it into place only when the block finishes cleanly."""
+    """Write to a temporary file beside ``path`` and move it into place only when the block finishes cleanly; the
+    file gets the permissions of the one it replaces, or those the umask gives a new file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with folder_lock(path.parent):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.chmod(tmp, target_mode(path))
+            with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
 
 def atomic_write_files(files: dict[Path, bytes]) -> None:
-    """Write several files as one save: every file is written and synced beside its target before any is moved into
-    place, so a failure while writing (a full disk, a crash) leaves all the previous files as they were."""
+    """Write several files of one folder as one save, under the folder's lock: every file is written and synced
+    beside its target before any is moved into place, so a failure while writing (a full disk, a crash) leaves all
+    the previous files as they were, and concurrent saves into the folder follow one another."""
+    folders = {path.parent for path in files}
+    if len(folders) != 1:
+        raise ValueError(f"atomic_write_files writes files of one folder, got {sorted(map(str, folders))}")
+    with folder_lock(folders.pop()):
+        _write_staged(files)
+
+
+def _write_staged(files: dict[Path, bytes]) -> None:
     staged: list[tuple[str, Path]] = []
     try:
         for path, data in files.items():
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             staged.append((tmp, path))
+            os.chmod(tmp, target_mode(path))
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()

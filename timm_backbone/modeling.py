@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
-from collections.abc import Iterable
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -14,7 +17,17 @@ import torch
 from torch import nn
 
 from .configuration import PretrainedConfig
-from .hub import CONFIG_NAME, SAFE_WEIGHTS_NAME, atomic_write_files, pop_hub_kwargs, resolve_source, safetensors_bytes
+from .hub import (
+    CONFIG_NAME,
+    SAFE_WEIGHTS_NAME,
+    SAVE_ID_KEY,
+    Source,
+    atomic_write_files,
+    folder_lock,
+    pop_hub_kwargs,
+    resolve_source,
+    safetensors_bytes,
+)
 
 logger = logging.getLogger("timm_backbone")
 
@@ -111,14 +124,19 @@ class PreTrainedModel(nn.Module):
         """Write ``config.json`` and ``model.safetensors`` to ``save_directory``.
 
         Both files are serialised and written beside their targets before either replaces an existing file, so a
-        failure midway leaves the previous pair intact.
+        failure while writing leaves the previous pair intact; saves into one folder follow one another (a lock on
+        the folder). Both files record one random save id: an interrupt between the two renames leaves a pair whose
+        ids differ, which :meth:`from_pretrained` refuses instead of loading one save's weights with another's
+        config.
         """
         save_directory = Path(save_directory)
         if save_directory.is_file():
             raise OSError(f"{save_directory} is a file; save_pretrained needs a folder")
         self.config.architectures = [type(self).__name__]
-        weights = safetensors_bytes(self.state_dict_for_save(), {"format": "pt"})
-        config = self.config.to_json_string().encode("utf-8")
+        save_id = uuid.uuid4().hex
+        weights = safetensors_bytes(self.state_dict_for_save(), {"format": "pt", SAVE_ID_KEY: save_id})
+        config_dict = {**self.config.to_dict(), SAVE_ID_KEY: save_id}
+        config = (json.dumps(config_dict, indent=2, sort_keys=True) + "\n").encode("utf-8")
         save_directory.mkdir(parents=True, exist_ok=True)
         atomic_write_files({save_directory / SAFE_WEIGHTS_NAME: weights, save_directory / CONFIG_NAME: config})
 
@@ -164,24 +182,40 @@ class PreTrainedModel(nn.Module):
                 ``torch_dtype``/``dtype``, and config overrides (``out_indices``, ``out_features``...).
 
         Raises:
-            OSError: the source or its weights are not found (the message says where it looked).
-            ValueError: the source describes another model, or the weights do not fit it.
+            OSError: the source or its weights are not found (the message says where it looked), a weights file that
+                is corrupt, declares more storage than the model holds, or comes from another save than the
+                ``config.json`` beside it.
+            ValueError: the source describes another model, a config field is out of range or does not fit the
+                weights file, or the weights do not fit the model.
         """
         hub_kwargs = pop_hub_kwargs(kwargs)
         dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None)
         source = resolve_source(src, **hub_kwargs)
-        if config is None:
-            config = cls.config_class.from_source(source, **kwargs)
-        elif kwargs:
-            config = type(config).from_dict(config.to_dict(), **kwargs)
-        if source.kind == "timm" and not getattr(config, "use_pretrained_backbone", True):
-            model = cls(config)  # a timm name with pretrained weights declined: random weights, nothing read
-        else:
-            state_dict, path = source.load_state_dict()
-            model = cls.from_state_dict(config, state_dict, strict=strict, source=path)
+        # a concurrent save_pretrained into the folder finishes before (or starts after) both files are read
+        with folder_lock(source.name, shared=True) if source.kind == "folder" else _no_lock():
+            if config is None:
+                config = cls.config_class.from_source(source, **kwargs)
+            elif kwargs:
+                config = type(config).from_dict(config.to_dict(), **kwargs)
+            if source.kind == "timm" and not getattr(config, "use_pretrained_backbone", True):
+                model = cls(config)  # a timm name with pretrained weights declined: random weights, nothing read
+            else:
+                check_config_fits_weights(config, source)
+                state_dict, path = source.load_state_dict(max_bytes=cls._storage_budget(config, source))
+                model = cls.from_state_dict(config, state_dict, strict=strict, source=path)
         if dtype is not None:
             model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         return model.eval()
+
+    @classmethod
+    def _storage_budget(cls, config: PretrainedConfig, source: Source) -> int | None:
+        """The most tensor bytes a ``.bin`` checkpoint of this model may declare: 16 bytes per parameter (fp32 weights
+        with two optimizer states, or fp64) plus 64 MiB, counted on a copy built on the meta device."""
+        if not source.weights_file().name.endswith(".bin"):
+            return None
+        with torch.device("meta"):
+            probe = cls(config)
+        return 16 * sum(t.numel() for t in probe.state_dict().values()) + 2**26
 
     @classmethod
     def from_state_dict(
@@ -214,6 +248,13 @@ class PreTrainedModel(nn.Module):
         ]
         if report.mismatched_keys or (strict and not report.ok):
             raise ValueError(f"checkpoint does not fit {type(self).__name__}: {report}")
+        check_weight_dtypes(state_dict, own, source)
+        if own and not any(k in own for k in state_dict):
+            where = f" in {source}" if source else ""
+            raise ValueError(
+                f"no key of the checkpoint{where} matches {type(self).__name__}: it holds another model's weights "
+                f"(checkpoint keys: {_abbreviate(sorted(state_dict), 4)}; model keys: {_abbreviate(list(own), 4)})"
+            )
         self.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
         report.loaded_keys = [k for k in own if k in state_dict]
         if not report.ok:
@@ -245,3 +286,50 @@ def adapt_input_convs(
 
 def _matches(key: str, patterns: tuple[str, ...]) -> bool:
     return any(re.search(p, key) for p in patterns)
+
+
+@contextmanager
+def _no_lock() -> Iterator[None]:
+    yield
+
+
+def check_weight_dtypes(state_dict: dict[str, Any], own: dict[str, torch.Tensor], source: str = "") -> None:
+    """Refuse checkpoint tensors that cannot hold a floating-point parameter's values: integer, bool and complex
+    tensors would be cast silently (bools to 0/1, complex numbers losing their imaginary part).
+
+    Raises:
+        ValueError: naming the keys and their dtypes.
+    """
+    bad = [
+        f"{k} ({v.dtype})"
+        for k, v in state_dict.items()
+        if k in own and own[k].is_floating_point() and (not v.is_floating_point() or v.is_complex())
+    ]
+    if bad:
+        where = f" in {source}" if source else ""
+        raise ValueError(
+            f"{len(bad)} checkpoint tensors{where} are not floating point but the model's are: {_abbreviate(bad, 5)}; "
+            f"the file does not hold this model's weights"
+        )
+
+
+def check_config_fits_weights(config: PretrainedConfig, source: Source) -> None:
+    """Before anything is allocated, compare the parameters a config describes with the elements its safetensors
+    weights hold (read from the headers): a config far larger than its weights was edited or belongs to another model.
+
+    Raises:
+        ValueError: naming the weights file and the config's size fields.
+    """
+    estimate = config.num_parameters_estimate()
+    if estimate is None:
+        return
+    summary = source.weights_summary()
+    if summary is None:
+        return
+    path, count, elements = summary
+    if estimate > 2 * elements + 4096:
+        fields = ", ".join(f"{k}={getattr(config, k)!r}" for k in config.size_fields)
+        raise ValueError(
+            f"the config {source.config_path()} does not fit {path}: it describes a model of at least {estimate} "
+            f"parameters, but the file holds {elements} values in {count} tensors (check {fields})"
+        )

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..auto import ModelFamily, register_family
 from ..backbone import BackboneMixin
-from ..configuration import NativeBackboneConfigMixin, PretrainedConfig
+from ..configuration import MAX_DEPTH, NativeBackboneConfigMixin, PretrainedConfig, check_int, check_ints
 from ..hub import unwrap_state_dict
 from ..layers import freeze_batch_norm_2d, get_activation
 from ..modeling import PreTrainedModel
@@ -94,6 +94,8 @@ class ResNetConfig(NativeBackboneConfigMixin, PretrainedConfig):
         super().__init__(**kwargs)
         if layer_type not in LAYER_TYPES:
             raise ValueError(f"layer_type must be one of {LAYER_TYPES}, got {layer_type!r}")
+        check_ints("hidden_sizes", hidden_sizes)
+        check_ints("depths", depths, high=MAX_DEPTH)
         if not depths or len(depths) != len(hidden_sizes):
             raise ValueError(
                 f"hidden_sizes {list(hidden_sizes)} and depths {list(depths)} must be non-empty and of equal length "
@@ -112,7 +114,37 @@ class ResNetConfig(NativeBackboneConfigMixin, PretrainedConfig):
             raise ValueError(f"output_stride must be 8, 16 or 32 (None: 32), got {output_stride!r}")
         if output_stride is not None:  # written to config.json only when set: transformers has no such field
             self.output_stride = output_stride
+        self.validate()
         self._init_stage_selection(out_features, out_indices)
+
+    size_fields = ("embedding_size", "hidden_sizes", "depths")
+
+    def validate(self) -> None:
+        """Types and ranges of the fields that shape the model (see :meth:`PretrainedConfig.validate`)."""
+        check_int("num_channels", self.num_channels)
+        check_int("embedding_size", self.embedding_size)
+        check_ints("hidden_sizes", self.hidden_sizes)
+        check_ints("depths", self.depths, high=MAX_DEPTH)
+        if not isinstance(self.hidden_act, str):
+            raise TypeError(f"hidden_act must be an activation name (str), got {self.hidden_act!r}")
+        if self.layer_type == "bottleneck" and min(self.hidden_sizes) < 4:
+            raise ValueError(f"hidden_sizes of bottleneck blocks must be at least 4, got {self.hidden_sizes}")
+        super().validate()
+
+    def num_parameters_estimate(self) -> int:
+        """Convolution weights only: the stem, each block's convolutions and the projection shortcuts."""
+        total = 49 * self.num_channels * self.embedding_size
+        width = self.embedding_size
+        for out, depth in zip(self.hidden_sizes, self.depths):
+            for _ in range(depth):
+                if self.layer_type == "bottleneck":
+                    mid = out // 4
+                    total += width * mid + 9 * mid * mid + mid * out
+                else:
+                    total += 9 * width * out + 9 * out * out
+                total += width * out if width != out else 0
+                width = out
+        return total
 
     @staticmethod
     def timm_fields(architecture: str, **model_args: Any) -> dict[str, Any]:

@@ -22,7 +22,15 @@ from torch.utils.checkpoint import checkpoint
 
 from ..auto import ModelFamily, register_family
 from ..backbone import BackboneMixin
-from ..configuration import NativeBackboneConfigMixin, PretrainedConfig
+from ..configuration import (
+    MAX_DEPTH,
+    MAX_WIDTH,
+    NativeBackboneConfigMixin,
+    PretrainedConfig,
+    check_float,
+    check_int,
+    check_ints,
+)
 from ..layers import Mlp, is_tracing, linear, window_partition
 from ..modeling import LoadReport, PreTrainedModel
 from . import swin_convert
@@ -108,6 +116,8 @@ class SwinConfig(NativeBackboneConfigMixin, PretrainedConfig):
         for derived in ("stage_names", "num_layers", "hidden_size"):
             kwargs.pop(derived, None)
         super().__init__(**kwargs)
+        check_ints("depths", depths, high=MAX_DEPTH)
+        check_ints("num_heads", num_heads)
         if len(depths) != len(num_heads) or not depths:
             raise ValueError(f"depths {list(depths)} and num_heads {list(num_heads)} must be non-empty, equal length")
         if window_semantics not in WINDOW_SEMANTICS:
@@ -131,8 +141,51 @@ class SwinConfig(NativeBackboneConfigMixin, PretrainedConfig):
         self.encoder_stride = encoder_stride
         self.window_semantics = window_semantics
         self.num_layers = len(self.depths)
+        self.validate()
         self.hidden_size = int(embed_dim * 2 ** (len(self.depths) - 1))
         self._init_stage_selection(out_features, out_indices)
+
+    size_fields = ("embed_dim", "depths", "num_heads", "mlp_ratio")
+
+    def validate(self) -> None:
+        """Types and ranges of the fields that shape the model (see :meth:`PretrainedConfig.validate`)."""
+        image_size = self.image_size if isinstance(self.image_size, (list, tuple)) else [self.image_size]
+        check_ints("image_size", list(image_size), max_len=2)
+        check_int("patch_size", self.patch_size)
+        check_int("num_channels", self.num_channels)
+        check_int("embed_dim", self.embed_dim)
+        check_ints("depths", self.depths, high=MAX_DEPTH)
+        check_ints("num_heads", self.num_heads)
+        check_int("window_size", self.window_size)
+        check_float("mlp_ratio", self.mlp_ratio, high=64, low_open=True)
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
+            check_float(name, getattr(self, name), high=1)
+        check_float("layer_norm_eps", self.layer_norm_eps, high=1, low_open=True)
+        check_float("initializer_range", self.initializer_range)
+        if not isinstance(self.hidden_act, str):
+            raise TypeError(f"hidden_act must be an activation name (str), got {self.hidden_act!r}")
+        widths = [self.embed_dim * 2**i for i in range(len(self.depths))]
+        if widths[-1] > MAX_WIDTH:
+            raise ValueError(
+                f"embed_dim {self.embed_dim} doubled over {len(self.depths)} stages (depths) gives {widths[-1]} "
+                f"channels, more than the limit {MAX_WIDTH}"
+            )
+        for i, (width, heads) in enumerate(zip(widths, self.num_heads)):
+            if width % heads:
+                raise ValueError(
+                    f"stage {i + 1} has {width} channels, not divisible by {heads} heads (num_heads[{i}]; "
+                    f"embed_dim={self.embed_dim} x 2**{i})"
+                )
+        super().validate()
+
+    def num_parameters_estimate(self) -> int:
+        """Linear weights only: attention (4 d^2) and MLP (2 mlp_ratio d^2) per block, patch merging (8 d^2)."""
+        total = self.patch_size**2 * self.num_channels * self.embed_dim
+        for i, depth in enumerate(self.depths):
+            width = self.embed_dim * 2**i
+            total += int(depth * (4 + 2 * self.mlp_ratio) * width * width)
+            total += 8 * width * width if i < len(self.depths) - 1 else 0
+        return total
 
     @staticmethod
     def timm_fields(architecture: str, **model_args: Any) -> dict[str, Any]:

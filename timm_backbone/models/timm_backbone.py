@@ -12,9 +12,9 @@ from torch import nn
 
 from ..auto import ModelFamily, register_family
 from ..backbone import BackboneMixin
-from ..configuration import BackboneConfigMixin, PretrainedConfig
+from ..configuration import MAX_DEPTH, MAX_WIDTH, BackboneConfigMixin, PretrainedConfig, check_int
 from ..hub import Source, check_timm_name, resolve_source
-from ..modeling import LoadReport, PreTrainedModel
+from ..modeling import LoadReport, PreTrainedModel, check_weight_dtypes
 from ..necks import FEATURE_PYRAMIDS, SimpleFeaturePyramid
 
 # keys of config.json that describe the config itself, never arguments for timm.create_model
@@ -46,6 +46,56 @@ _CONFIG_KEYS = {
     "frozen_stages",
     "norm_eval",
 }
+
+
+# timm.create_model arguments that make timm download or read weights (at any depth of model_args): honoured when a
+# caller passes them in code, refused when they come from a file, which must never reach the network or other files
+FETCHING_ARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir",
+                 "pretrained_strict", "file", "url", "hf_hub_id", "hf_hub_filename", "state_dict",
+                 "source")  # fmt: skip
+# model_args naming a number of blocks per stage
+_DEPTH_ARGS = ("depth", "depths", "layers", "num_blocks", "block_repeats")
+
+
+def check_file_model_args(model_args: Any, where: str = "model_args") -> None:
+    """Refuse ``timm.create_model`` arguments read from a file that would make timm fetch or read weights.
+
+    Raises:
+        TypeError: ``model_args`` is not an object.
+        ValueError: naming the key and the arguments that are refused.
+    """
+    if not isinstance(model_args, dict):
+        raise TypeError(f"{where} must be an object of timm.create_model arguments, got {type(model_args).__name__}")
+    for key, value in model_args.items():
+        if key in FETCHING_ARGS:
+            raise ValueError(
+                f"{where} sets {key!r}, which makes timm download or read weights; a config file may not set "
+                f"{list(FETCHING_ARGS)} (pass them in code, or load weights with from_pretrained)"
+            )
+        if isinstance(value, dict):
+            check_file_model_args(value, f"{where}[{key!r}]")
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                if isinstance(item, dict):
+                    check_file_model_args(item, f"{where}[{key!r}]")
+
+
+def _check_model_arg_sizes(value: Any, where: str) -> None:
+    """Numbers in ``model_args`` within sane limits: blocks per stage up to MAX_DEPTH, other ints up to MAX_WIDTH."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            limit = MAX_DEPTH if key in _DEPTH_ARGS else MAX_WIDTH
+            if isinstance(item, int) and not isinstance(item, bool) and abs(item) > limit:
+                raise ValueError(f"{where}[{key!r}] is {item}, beyond the limit {limit}")
+            if isinstance(item, (list, tuple)) and all(isinstance(v, int) for v in item):
+                for i, v in enumerate(item):
+                    if abs(v) > limit:
+                        raise ValueError(f"{where}[{key!r}][{i}] is {v}, beyond the limit {limit}")
+            elif isinstance(item, (dict, list, tuple)):
+                _check_model_arg_sizes(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_model_arg_sizes(item, where)
 
 
 class TimmBackboneConfig(BackboneConfigMixin, PretrainedConfig):
@@ -114,7 +164,18 @@ class TimmBackboneConfig(BackboneConfigMixin, PretrainedConfig):
         self.feature_pyramid = feature_pyramid
         self.feature_pyramid_channels = feature_pyramid_channels
         self.output_prefix_tokens = bool(output_prefix_tokens)
+        self.validate()
         self._init_stage_selection(out_features, out_indices)
+
+    def validate(self) -> None:
+        """Types and ranges of the fields, and sane sizes in ``model_args`` (see :meth:`PretrainedConfig.validate`)."""
+        check_int("num_channels", self.num_channels)
+        if self.output_stride is not None:
+            check_int("output_stride", self.output_stride, high=64)
+        if not isinstance(self.model_args, dict):
+            raise TypeError(f"model_args must be a dict of timm.create_model arguments, got {self.model_args!r}")
+        _check_model_arg_sizes(self.model_args, "model_args")
+        super().validate()
 
     @classmethod
     def from_timm_dict(cls, timm_config: dict[str, Any], name: str = "", **overrides: Any) -> TimmBackboneConfig:
@@ -123,6 +184,7 @@ class TimmBackboneConfig(BackboneConfigMixin, PretrainedConfig):
         if "architecture" not in timm_config:
             raise ValueError(f"not a timm config (no 'architecture'): keys {sorted(timm_config)}")
         check_timm_name(timm_config["architecture"])
+        check_file_model_args(timm_config.get("model_args", {}))
         overrides = dict(overrides)
         model_args = {**timm_config.get("model_args", {}), **overrides.pop("model_args", {})}
         backbone = overrides.pop("backbone", timm_config["architecture"])
@@ -145,6 +207,8 @@ class TimmBackboneConfig(BackboneConfigMixin, PretrainedConfig):
             return cls.from_timm_dict(config_dict, **overrides)
         # unknown keys read from a file stay plain attributes; only explicit overrides reach timm
         config_dict = dict(config_dict)
+        if config_dict.get("model_args") is not None:
+            check_file_model_args(config_dict["model_args"])
         if overrides.get("out_indices") is not None or overrides.get("out_features") is not None:
             config_dict.pop("out_indices", None)
             config_dict.pop("out_features", None)
@@ -190,6 +254,7 @@ def _create_args(config: TimmBackboneConfig) -> tuple[str, dict[str, Any]]:
         arch = repo_config.get("architecture")
         if not arch:
             raise OSError(f"{config.backbone}: config.json names no 'architecture'; it is not a timm repo")
+        check_file_model_args(repo_config.get("model_args", {}), f"{config.backbone} config.json model_args")
         kwargs = {**repo_config.get("model_args", {}), **kwargs}
     else:
         check_timm_name(config.backbone)
@@ -221,7 +286,9 @@ def _feature_net(arch: str, kwargs: dict[str, Any], features_only: bool, out_ind
 
 
 def _stage_info(arch: str, kwargs: dict[str, Any], features_only: bool) -> list[dict[str, Any]]:
-    """Every feature stage of the model (timm's ``feature_info``), read from a copy built on the meta device."""
+    """Every feature stage of the model (timm's ``feature_info``), read from a copy built on the meta device (without
+    pretrained weights: nothing is read for it)."""
+    kwargs = {k: v for k, v in kwargs.items() if k not in FETCHING_ARGS}
     with torch.device("meta"):
         probe = _feature_net(arch, kwargs, features_only, out_indices=(-1,)) if features_only else None
         if probe is None:
@@ -573,6 +640,9 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
         filters (classifier dropped, ``in_chans`` and position embeddings adapted)."""
         if any(k.startswith("_backbone.") for k in state_dict):
             return super().from_state_dict(config, state_dict, strict=strict, source=source)
+        # timm copies any dtype into its parameters: weights and biases must at least be floating point
+        learned = {k: torch.empty(0) for k in state_dict if k.endswith((".weight", ".bias"))}
+        check_weight_dtypes(state_dict, learned, source)
         model = cls(config, timm_state_dict=state_dict).eval()
         # timm loads the checkpoint strictly into the whole model before keeping the feature stages: every key of
         # the backbone took the file's value (or timm's in_chans / position-embedding adaptation of it)

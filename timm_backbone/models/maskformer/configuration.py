@@ -6,10 +6,11 @@
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 from ...auto import register
-from ...configuration import PretrainedConfig
+from ...configuration import MAX_DEPTH, PretrainedConfig, check_int
 
 # transformers' DETR defaults (the ``decoder_config`` of every MaskFormer checkpoint); MaskFormer reads d_model,
 # num_queries, decoder_layers/heads/ffn_dim, the dropouts and activation_function, the rest is kept for the file
@@ -179,6 +180,11 @@ class MaskFormerConfig(PretrainedConfig):
         decoder_config = {**DETR_DEFAULTS, **decoder_config}
         if decoder_config.get("model_type", "detr") != "detr":
             raise ValueError(f"decoder_config model_type must be 'detr', got {decoder_config['model_type']!r}")
+        for key in ("d_model", "decoder_attention_heads", "decoder_ffn_dim", "num_queries"):
+            check_int(f"decoder_config[{key!r}]", decoder_config[key])
+        check_int("decoder_config['decoder_layers']", decoder_config["decoder_layers"], low=0, high=MAX_DEPTH)
+        check_int("fpn_feature_size", fpn_feature_size)
+        check_int("mask_feature_size", mask_feature_size)
         d_model, heads = decoder_config["d_model"], decoder_config["decoder_attention_heads"]
         if d_model % heads:
             raise ValueError(
@@ -209,6 +215,27 @@ class MaskFormerConfig(PretrainedConfig):
     @property
     def hidden_size(self) -> int:
         return self.mask_feature_size
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **overrides: Any) -> MaskFormerConfig:
+        """As the base; a file may not name its ``backbone`` by local path, and its ``backbone_kwargs`` may not make
+        timm fetch weights (see :func:`~timm_backbone.models.timm_backbone.check_file_model_args`)."""
+        from ..timm_backbone import check_file_model_args
+
+        backbone = None if config_dict.get("use_timm_backbone") else config_dict.get("backbone")  # timm: a name
+        if isinstance(backbone, str) and (os.path.isabs(backbone) or os.path.exists(backbone) or ".." in backbone):
+            raise ValueError(
+                f"backbone {backbone!r} names a local path; a config file may name its backbone by timm name or hub "
+                f"id only (pass backbone_config=..., or backbone= in code, for a local folder)"
+            )
+        if config_dict.get("backbone_kwargs"):
+            check_file_model_args(config_dict["backbone_kwargs"], "backbone_kwargs")
+            check_file_model_args(config_dict["backbone_kwargs"].get("model_args") or {}, "backbone_kwargs.model_args")
+        return super().from_dict(config_dict, **overrides)
+
+    def num_parameters_estimate(self) -> int | None:
+        """The backbone's estimate (a lower bound for the whole model)."""
+        return self.backbone_config.num_parameters_estimate()
 
     @property
     def num_queries(self) -> int:

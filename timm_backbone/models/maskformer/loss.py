@@ -148,8 +148,9 @@ def check_labels(
 
     Raises:
         ValueError: a batch size that differs from the images', a class outside ``[0, num_labels)``, mask and class
-            counts that differ, or masks whose size is not the images' ``(height, width)``.
-        TypeError: labels that are not lists/tuples of tensors.
+            counts that differ, masks whose size is not the images' ``(height, width)``, or masks holding values other
+            than 0 and 1 (NaN, or the 255 of padded segmentation maps).
+        TypeError: labels that are not lists/tuples of tensors, or class ids that are not integers.
     """
     for name, labels in (("mask_labels", mask_labels), ("class_labels", class_labels)):
         if not isinstance(labels, (list, tuple, torch.Tensor)) or (
@@ -161,10 +162,23 @@ def check_labels(
     for i, (masks, classes) in enumerate(zip(mask_labels, class_labels)):
         if not isinstance(masks, torch.Tensor) or not isinstance(classes, torch.Tensor):
             raise TypeError(f"mask_labels[{i}] and class_labels[{i}] must be tensors")
-        if classes.dim() != 1 or classes.is_floating_point():
+        if classes.is_floating_point() or classes.is_complex() or classes.dtype == torch.bool:
+            raise ValueError(f"class_labels[{i}] must be a 1-D integer tensor of class ids, got {classes.dtype}")
+        if classes.dim() != 1:
             raise ValueError(
                 f"class_labels[{i}] must be a 1-D integer tensor, got {classes.dtype} {tuple(classes.shape)}"
             )
+        if masks.is_complex():
+            raise TypeError(f"mask_labels[{i}] must be binary (bool, integer or float 0/1), got {masks.dtype}")
+        if masks.dtype != torch.bool and masks.numel():
+            not_binary = (masks != 0) & (masks != 1)
+            if bool(not_binary.any()):
+                found = masks[not_binary].unique()[:5].tolist()
+                raise ValueError(
+                    f"mask_labels[{i}] must be binary (0 and 1), but holds {found}; NaN or the 255 that pads "
+                    f"segmentation maps is not a mask value: turn a segmentation map into per-instance 0/1 masks "
+                    f"(MaskFormerImageProcessor does)"
+                )
         if masks.dim() != 3 or masks.shape[0] != classes.shape[0]:
             raise ValueError(
                 f"mask_labels[{i}] must have shape (num_instances, height, width) with one mask per class label "

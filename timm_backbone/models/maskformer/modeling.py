@@ -98,10 +98,30 @@ class MaskFormerPixelLevelModule(nn.Module):
         self.decoder = MaskFormerPixelDecoder(
             list(self.encoder.channels), config.fpn_feature_size, config.mask_feature_size
         )
+        self.decoder_channels_per_group = config.fpn_feature_size // 32
         if hasattr(self.encoder, "optimize_for_inference"):
             # the backbone's own inference path (same numbers, eval without autograd only) is on by default here:
             # its maps are consumed by the FPN, so their memory format never reaches the user's code
             self.encoder.optimize_for_inference(True).train(self.training)
+
+    def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        """The backbone's input checks, and the one size MaskFormer adds: where the FPN's GroupNorm(32) normalises
+        one channel per group, a single image must give its coarsest map more than one cell (a group of one value
+        cannot be normalised).
+
+        Raises:
+            TypeError, ValueError: as the backbone's ``check_pixel_values``, or a single image that is too small.
+        """
+        self.encoder.check_pixel_values(pixel_values)
+        stride = max(self.encoder.strides)
+        height, width = pixel_values.shape[-2:]
+        if pixel_values.shape[0] * self.decoder_channels_per_group == 1 and max(height, width) < 2 * stride:
+            raise ValueError(
+                f"a single {height}x{width} image is too small for MaskFormer with this backbone: its coarsest "
+                f"selected stage (stride {stride}) would be one cell, which the FPN's GroupNorm(32) over "
+                f"{32 * self.decoder_channels_per_group} channels cannot normalise; make one side at least "
+                f"{2 * stride} pixels, batch several images, or use fpn_feature_size >= 64"
+            )
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, list]:
         features = tuple(self.encoder(pixel_values, return_dict=True).feature_maps)
@@ -350,6 +370,15 @@ class MaskFormerModel(_MaskFormerWeights, PreTrainedModel):
         """
         output_hidden_states = _flag(output_hidden_states, self.config, "output_hidden_states")
         output_attentions = _flag(output_attentions, self.config, "output_attentions")
+        self.pixel_level_module.check_pixel_values(pixel_values)
+        if pixel_values.shape[0] == 0:
+            return _empty_batch(
+                self,
+                pixel_values,
+                output_hidden_states=output_hidden_states,
+                output_attentions=output_attentions,
+                return_dict=return_dict,
+            )
         features, pixel_embeddings, fpn_maps = self.pixel_level_module(pixel_values)
         queries, decoder_states, attentions = self.transformer_module(
             features[-1], output_hidden_states, output_attentions
@@ -495,9 +524,22 @@ class MaskFormerForInstanceSegmentation(_MaskFormerWeights, PreTrainedModel):
         """
         if (mask_labels is None) != (class_labels is None):
             raise ValueError("give both mask_labels and class_labels to compute the loss, or neither")
+        self.model.pixel_level_module.check_pixel_values(pixel_values)
         if mask_labels is not None:
             check_labels(
                 mask_labels, class_labels, self.config.num_labels, pixel_values.shape[0], pixel_values.shape[-2:]
+            )
+            class_labels = [c.long() for c in class_labels]  # any integer width
+        if pixel_values.shape[0] == 0:
+            if mask_labels is not None:
+                raise ValueError("an empty batch has no loss: call the model without labels, or skip the batch")
+            return _empty_batch(
+                self,
+                pixel_values,
+                output_auxiliary_logits=output_auxiliary_logits,
+                output_hidden_states=output_hidden_states,
+                output_attentions=output_attentions,
+                return_dict=return_dict,
             )
         output_hidden_states = _flag(output_hidden_states, self.config, "output_hidden_states")
         if (
@@ -546,3 +588,22 @@ class MaskFormerForInstanceSegmentation(_MaskFormerWeights, PreTrainedModel):
             **{k: getattr(outputs, k) for k in outputs.keys()},
         )
         return output if return_dict is not False else output.to_tuple()
+
+
+def _empty_batch(model: nn.Module, pixel_values: torch.Tensor, **flags: Any) -> Any:
+    """The outputs of an empty batch: those of one blank image, cut to zero images (the decoders cannot reshape an
+    empty batch)."""
+    output = model(pixel_values.new_zeros(1, *pixel_values.shape[1:]), **{**flags, "return_dict": True})
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value[:0]
+        if isinstance(value, (tuple, list)):
+            return type(value)(cut(v) for v in value)
+        if isinstance(value, dict):
+            return {k: cut(v) for k, v in value.items()}
+        return value
+
+    for name in output.keys():
+        setattr(output, name, cut(getattr(output, name)))
+    return output if flags["return_dict"] is not False else output.to_tuple()
