@@ -279,9 +279,10 @@ def _feature_net(arch: str, kwargs: dict[str, Any], features_only: bool, out_ind
     if not hasattr(model, "forward_intermediates"):
         raise ValueError(f"timm model {arch!r} has no forward_intermediates; use features_only=True")
     if hasattr(model, "prune_intermediate_layers"):
-        # as timm's own feature getter does: blocks after the deepest tap and the classifier are not kept, so every
-        # parameter left takes part in the forward (DistributedDataParallel needs no find_unused_parameters)
-        model.prune_intermediate_layers(list(out_indices), prune_norm=False, prune_head=True)
+        # as timm's own feature getter does: blocks after the deepest tap, the final norm (taps are read before it)
+        # and the classifier are not kept, so every parameter left takes part in the forward (DistributedDataParallel
+        # needs no find_unused_parameters)
+        model.prune_intermediate_layers(list(out_indices), prune_norm=True, prune_head=True)
     return model
 
 
