@@ -151,8 +151,10 @@ def _conv_norm(conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor) -> torch.Tenso
     if torch.is_grad_enabled() or (norm.training and isinstance(norm, nn.BatchNorm2d)):
         return norm(y)
     weight, bias, mean, var = (t.float() for t in (norm.weight, norm.bias, norm.running_mean, norm.running_var))
-    scale = weight * torch.rsqrt(var + norm.eps)  # in fp32 also for bf16 models: one rounding, at the output
+    scale = weight * torch.rsqrt(var + norm.eps)  # in fp32 also for bf16 models and under autocast
     shift = bias - mean * scale
+    # in the conv output's dtype: addcmul over mixed dtypes (bf16 map, fp32 terms) is about 100x slower on CPU
+    scale, shift = scale.to(y.dtype), shift.to(y.dtype)
     return torch.addcmul(shift[:, None, None], y, scale[:, None, None], out=y)
 
 
