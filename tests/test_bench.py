@@ -175,3 +175,28 @@ def test_native_optimized_contender():
     assert resnet["peak_mib"] == {}
     text = markdown_report(report)
     assert "latency ms (timm / native / native_opt)" in text and "| 4 stage4 | 128x2x2 |" in text
+
+
+def test_machine_info_records_matrix_unit_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile\n")
+    assert benchmark.cpu_flags(str(cpuinfo)) == {
+        "amx_bf16": False, "amx_tile": True, "amx_int8": False, "avx512_bf16": True, "avx512f": True, "avx2": True,
+    }  # fmt: skip
+    assert not any(benchmark.cpu_flags(str(tmp_path / "absent")).values())
+    info = benchmark.machine_info("cpu")
+    assert set(info["cpu_flags"]) == set(benchmark.CPU_FLAGS) and isinstance(info["onednn_bf16"], bool)
+
+
+def test_precision_runs_calls_under_autocast_and_rejects_fp32_autocast():
+    layer = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    assert benchmark.Precision("bf16", autocast=True).call(layer, x)().dtype == torch.bfloat16
+    half = benchmark.Precision("bf16")
+    assert benchmark.Precision().call(layer, x)().dtype == torch.float32
+    assert half.call(half.prepare(layer), x.to(half.storage_dtype))().dtype == torch.bfloat16
+    assert layer.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="autocast needs a lower precision"):
+        benchmark.Precision("fp32", autocast=True)
+    with pytest.raises(ValueError, match=r"dtype 'fp8' invalid; choose from \['fp32', 'bf16'\]"):
+        benchmark.Precision("fp8")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,18 +35,65 @@ def get_activation(name: str) -> nn.Module:
 
 
 _HAS_MKLDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_MKLDNN_BF16: bool | None = None
 
 
-def _mkldnn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """oneDNN's linear serves fp32 CPU inference only: no autograd, no autocast, not inside torch.compile."""
-    return (
-        _HAS_MKLDNN_LINEAR
-        and x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.float32
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and not torch.is_autocast_enabled("cpu")
-        and not is_tracing()
-    )
+def _mkldnn_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels on this CPU (AVX-512 BF16 or AMX); checked once."""
+    global _MKLDNN_BF16
+    if _MKLDNN_BF16 is None:
+        _MKLDNN_BF16 = bool(_HAS_MKLDNN_LINEAR and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return _MKLDNN_BF16
+
+
+def _mkldnn_linear_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype oneDNN's linear runs in for this call, or ``None`` for ``F.linear``.
+
+    It serves CPU inference only (no autograd, not inside torch.compile): fp32, bf16 where the CPU has bf16 kernels,
+    and fp32 weights under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (run in bf16, as autocast would).
+    """
+    if not _HAS_MKLDNN_LINEAR or x.device.type != "cpu" or is_tracing():
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return None
+    if torch.is_autocast_enabled("cpu"):
+        autocast_bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and weight.dtype == torch.float32
+        return (
+            torch.bfloat16 if autocast_bf16 and x.dtype in (torch.float32, torch.bfloat16) and _mkldnn_bf16() else None
+        )
+    if x.dtype == weight.dtype == torch.float32:
+        return torch.float32
+    if x.dtype == weight.dtype == torch.bfloat16 and _mkldnn_bf16():
+        return torch.bfloat16
+    return None
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors keep no version counter (and cannot change in place outside it)
+        return -1
+
+
+# layer -> (key, weight, bias) in the autocast dtype; kept beside the layer (not in it: copies and pickles of a model
+# carry no cast weights), and gone with the layer
+_AUTOCAST_WEIGHTS: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+
+
+def _autocast_weights(layer: nn.Linear, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``layer``'s weight and bias in ``dtype``, cast once and kept on the layer until the parameters change.
+
+    Autocast casts a weight on every call of a forward (its cache lives only inside one ``autocast`` block); for
+    inference that is a pass over every weight per forward. The cached copy costs half the fp32 weight's memory.
+    """
+    weight, bias = layer.weight, layer.bias
+    key = (dtype, weight.data_ptr(), _version(weight), *((bias.data_ptr(), _version(bias)) if bias is not None else ()))
+    cached = _AUTOCAST_WEIGHTS.get(layer)
+    if cached is None or cached[0] != key:
+        with torch.inference_mode(False), torch.no_grad():  # usable later outside inference mode too
+            cached = (key, weight.to(dtype), bias.to(dtype) if bias is not None else None)
+        _AUTOCAST_WEIGHTS[layer] = cached
+    return cached[1], cached[2]
 
 
 def is_tracing() -> bool:
@@ -56,12 +105,16 @@ def is_tracing() -> bool:
 def linear(x: torch.Tensor, layer: nn.Linear, act: str = "none", fast: bool = True) -> torch.Tensor:
     """``act(layer(x))`` with ``act`` in ``"none"`` / ``"gelu"`` (exact).
 
-    With ``fast``, fp32 CPU inference runs through oneDNN's linear, which adds the bias and the GELU inside the
-    matmul instead of in extra passes over the output (torch's CPU ``addmm`` first copies the bias into it);
-    everything else, and ``fast=False``, is ``F.linear``.
+    With ``fast``, CPU inference (fp32, bf16, and fp32 weights under bf16 autocast, which here use bf16 copies of the
+    weights cast once) runs through oneDNN's linear, which adds the bias and the GELU inside the matmul instead of in
+    extra passes over the output (torch's CPU ``addmm`` first copies the bias into it); everything else, and
+    ``fast=False``, is ``F.linear``.
     """
-    if fast and _mkldnn_linear_ok(x, layer.weight):
-        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, act, [], "none" if act == "gelu" else "")
+    dtype = _mkldnn_linear_dtype(x, layer.weight) if fast else None
+    if dtype is not None:
+        weight, bias = (layer.weight, layer.bias) if layer.weight.dtype == dtype else _autocast_weights(layer, dtype)
+        post = "none" if act == "gelu" else ""
+        return torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight, bias, act, [], post)
     x = F.linear(x, layer.weight, layer.bias)
     return F.gelu(x) if act == "gelu" else x
 

@@ -1,5 +1,5 @@
-"""Timing and memory measurement shared by every benchmark: interleaved medians in one process, peak memory, and
-the machine a run was made on."""
+"""Timing and memory measurement shared by every benchmark: interleaved medians in one process, peak memory, the
+machine a run was made on (with its matrix-unit CPU flags), and a plain matmul to compare achieved GFLOP/s against."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,6 +24,23 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# CPU features that decide which bf16 kernels oneDNN can use: AMX tiles (Intel Sapphire Rapids and later), AVX-512
+# BF16 dot products (Intel Cooper Lake and later, AMD Zen 4 and later), plain AVX-512 / AVX2 (bf16 converted to fp32)
+CPU_FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16", "avx512f", "avx2")
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> dict[str, bool]:
+    """Which of :data:`CPU_FLAGS` the CPU reports (``/proc/cpuinfo``; all ``False`` where that file is absent)."""
+    flags: set[str] = set()
+    with contextlib.suppress(OSError):
+        with open(cpuinfo, encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    return {name: name in flags for name in CPU_FLAGS}
+
+
 def machine_info(device: str) -> dict[str, Any]:
     """The machine, library versions and thread count the numbers were measured with."""
     import timm
@@ -31,12 +49,15 @@ def machine_info(device: str) -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
+        "cpu_flags": cpu_flags(),
+        "onednn_bf16": bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "timm": timm.__version__,
         "transformers": transformers_version(),
         "device": device,
+        "load_average": load_average(),
     }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
@@ -49,6 +70,23 @@ def transformers_version() -> str | None:
     except ImportError:
         return None
     return transformers.__version__
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (other work on the machine slows every contender and adds noise)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def square_matmul(size: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[Callable[[], Any], int]:
+    """A ``size``-square matmul in ``dtype`` to time beside a model, and its FLOPs: the GFLOP/s the machine reaches
+    on plain matrix products of that precision."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+    return (lambda: torch.mm(a, b)), 2 * size**3
 
 
 # measuring -------------------------------------------------------------------------------------------------------
@@ -114,3 +152,70 @@ def peak_memory(call: Callable[[], Any], device: str = "cpu") -> int:
         current += event.nbytes()
         peak = max(peak, current)
     return peak
+
+
+# precision -------------------------------------------------------------------------------------------------------
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a benchmark runs its contenders: ``fp32``; ``bf16`` (``model.to(torch.bfloat16)``, bf16 input); or
+    ``bf16`` with ``autocast`` (fp32 model and input, every call under ``torch.autocast(device, torch.bfloat16)``).
+
+    Raises:
+        ValueError: an unknown dtype, or ``autocast`` with fp32.
+    """
+
+    dtype: str = "fp32"
+    autocast: bool = False
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in PRECISIONS:
+            raise ValueError(f"dtype {self.dtype!r} invalid; choose from {list(PRECISIONS)}")
+        if self.autocast and self.dtype == "fp32":
+            raise ValueError("autocast needs a lower precision to cast to; use dtype 'bf16' with autocast")
+
+    @property
+    def label(self) -> str:
+        return f"{self.dtype} autocast" if self.autocast else self.dtype
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the matrix products (and of the reference matmul)."""
+        return PRECISIONS[self.dtype]
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """The dtype of the weights and the input."""
+        return torch.float32 if self.autocast else PRECISIONS[self.dtype]
+
+    def prepare(self, model: Any) -> Any:
+        """The model in eval mode with its weights in :attr:`storage_dtype`."""
+        return model.to(self.storage_dtype).eval()
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+        """A no-argument call of ``fn(*args)``, under autocast when this precision asks for it."""
+        if not self.autocast:
+            return lambda: fn(*args)
+
+        def under_autocast() -> Any:
+            with torch.autocast(self.device, dtype=self.compute_dtype):
+                return fn(*args)
+
+        return under_autocast
+
+
+def add_precision_arguments(parser: Any) -> None:
+    """``--dtype fp32|bf16`` and ``--autocast`` for a benchmark's argument parser."""
+    parser.add_argument("--dtype", default="fp32", choices=list(PRECISIONS), help="weights and input dtype")
+    parser.add_argument(
+        "--autocast",
+        action="store_true",
+        help="keep fp32 weights and input and run each call under torch.autocast with --dtype (bf16)",
+    )
+
+
+def precision_from_args(args: Any) -> Precision:
+    return Precision(args.dtype, args.autocast)

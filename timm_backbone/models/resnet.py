@@ -191,8 +191,11 @@ def _conv_norm(conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor) -> torch.Tenso
     y = conv(x)
     if torch.is_grad_enabled() or (norm.training and isinstance(norm, nn.BatchNorm2d)):
         return norm(y)
-    scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
-    shift = norm.bias - norm.running_mean * scale
+    weight, bias, mean, var = (t.float() for t in (norm.weight, norm.bias, norm.running_mean, norm.running_var))
+    scale = weight * torch.rsqrt(var + norm.eps)  # in fp32 also for bf16 models and under autocast
+    shift = bias - mean * scale
+    # in the conv output's dtype: addcmul over mixed dtypes (bf16 map, fp32 terms) is about 100x slower on CPU
+    scale, shift = scale.to(y.dtype), shift.to(y.dtype)
     return torch.addcmul(shift[:, None, None], y, scale[:, None, None], out=y)
 
 
@@ -396,25 +399,30 @@ def onednn_fusion_available() -> bool:
 class FoldedConv:
     """Inference only: a ``Conv2d`` with the eval-mode ``BatchNorm2d`` after it folded into its weight and bias.
 
-    Calling it computes ``relu(conv(x) + bias [+ residual])`` (ReLU optional). With ``onednn`` (fp32 CPU) that is one
-    oneDNN kernel with the bias, residual sum and ReLU fused, on weights packed for the first input's shape (other
-    shapes run correctly on the same packing); otherwise ``F.conv2d`` on the folded weights. The source modules are
-    only read, at construction.
+    Calling it computes ``relu(conv(x) + bias [+ residual])`` (ReLU optional). With ``onednn`` (fp32 or bf16 CPU) that
+    is one oneDNN kernel with the bias, residual sum and ReLU fused, on weights packed for the first input's shape
+    (other shapes run correctly on the same packing); otherwise ``F.conv2d`` on the folded weights. The source modules
+    are only read, at construction.
 
     Args:
         conv: The convolution (no bias, groups 1).
         norm: The BatchNorm after it (``BatchNorm2d`` or :class:`FrozenBatchNorm2d`).
         onednn: Use oneDNN's fused kernels; see :func:`onednn_fusion_available`.
+        dtype: The dtype of the folded weight and bias (default: the convolution's); bf16 under autocast, where the
+            folding is done once from the fp32 parameters instead of casting them on every call.
     """
 
-    def __init__(self, conv: nn.Conv2d, norm: nn.Module, onednn: bool = False) -> None:
+    def __init__(
+        self, conv: nn.Conv2d, norm: nn.Module, onednn: bool = False, dtype: torch.dtype | None = None
+    ) -> None:
         if conv.bias is not None or conv.groups != 1:
             raise ValueError("FoldedConv takes a convolution without bias and with groups=1 (as ResNet's)")
         with torch.no_grad():  # in float64: the folded terms then differ from BatchNorm's arithmetic by rounding only
             scale = norm.weight.double() * torch.rsqrt(norm.running_var.double() + norm.eps)
             weight = conv.weight.double() * scale[:, None, None, None]
-            self.bias = (norm.bias.double() - norm.running_mean.double() * scale).to(conv.weight.dtype)
-        self.weight = weight.to(conv.weight.dtype).contiguous(memory_format=torch.channels_last)
+            dtype = dtype or conv.weight.dtype
+            self.bias = (norm.bias.double() - norm.running_mean.double() * scale).to(dtype)
+        self.weight = weight.to(dtype).contiguous(memory_format=torch.channels_last)
         self.stride, self.padding, self.dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
         self.onednn, self.packed = onednn, False
         self._pack_lock = threading.Lock()
@@ -443,6 +451,20 @@ def _no_plan() -> None:
     return None
 
 
+def _onednn_dtype(dtype: torch.dtype) -> bool:
+    """oneDNN's fused convolutions run fp32, and bf16 where the CPU has bf16 support (AVX-512 BF16, AMX)."""
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return dtype == torch.float32
+
+
+def _autocast_dtype(param: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast computes convolutions in for fp32 CPU parameters (``None``: autocast off or not CPU)."""
+    if param.device.type != "cpu" or param.dtype != torch.float32 or not torch.is_autocast_enabled("cpu"):
+        return None
+    return torch.get_autocast_dtype("cpu")
+
+
 class _InferencePlan:
     """The folded convolutions of a :class:`ResNetBackbone`, run as a plain function of the input.
 
@@ -450,22 +472,23 @@ class _InferencePlan:
     Copies and pickles of the model carry no plan (packed tensors cannot be copied) and rebuild it on first use.
     """
 
-    def __init__(self, model: ResNetBackbone, signature: tuple) -> None:
+    def __init__(self, model: ResNetBackbone, signature: tuple, dtype: torch.dtype | None = None) -> None:
         self.signature = signature
         stem = model.embedder.embedder
         param = stem.convolution.weight
-        pack = param.device.type == "cpu" and param.dtype == torch.float32 and onednn_fusion_available()
+        self.dtype = dtype or param.dtype
+        pack = param.device.type == "cpu" and _onednn_dtype(self.dtype) and onednn_fusion_available()
         self.relu_out = isinstance(stem.activation, nn.ReLU)  # transformers' hidden_act; inner convs are ReLU
         self.act = stem.activation
         self.pool = model.embedder.pooler
-        self.stem = FoldedConv(stem.convolution, stem.normalization, pack)
+        self.stem = FoldedConv(stem.convolution, stem.normalization, pack, self.dtype)
         self.stages = [
             [
                 (
-                    FoldedConv(blk.shortcut.convolution, blk.shortcut.normalization, pack)
+                    FoldedConv(blk.shortcut.convolution, blk.shortcut.normalization, pack, self.dtype)
                     if isinstance(blk.shortcut, ResNetShortCut)
                     else None,
-                    [FoldedConv(layer.convolution, layer.normalization, pack) for layer in blk.layer],
+                    [FoldedConv(layer.convolution, layer.normalization, pack, self.dtype) for layer in blk.layer],
                 )
                 for blk in stage.layers
             ]
@@ -476,7 +499,7 @@ class _InferencePlan:
         return _no_plan, ()
 
     def __call__(self, x: torch.Tensor, num_stages: int) -> list[torch.Tensor]:
-        x = self.stem(x, relu=self.relu_out)
+        x = self.stem(x.to(self.dtype), relu=self.relu_out)
         if not self.relu_out:
             x = self.act(x)
         x = self.pool(x)
@@ -526,6 +549,7 @@ class ResNetBackbone(BackboneMixin, PreTrainedModel):
         self.to(memory_format=torch.channels_last)
         self._optimized = False
         self._plan: _InferencePlan | None = None
+        self._autocast_plan: _InferencePlan | None = None
         self.init_stages(config.stage_names, [config.embedding_size, *config.hidden_sizes], strides)
 
     def stage_modules(self, index: int) -> list[nn.Module]:
@@ -567,20 +591,30 @@ class ResNetBackbone(BackboneMixin, PreTrainedModel):
         the parameters change, and ``optimize_for_inference(False)`` turns it off. Numbers match the plain forward
         to float rounding (about 1e-6 relative). The maps it returns are NCHW tensors in ``channels_last`` memory
         format (no copy): ``.view`` on them needs a ``.contiguous()`` first; ``reshape``/``flatten`` work as is.
+        In bf16 (``model.to(torch.bfloat16)``, or fp32 under ``torch.autocast("cpu", dtype=torch.bfloat16)``, where
+        the folded weights are cast to bf16 once, not per call) the same oneDNN kernels run in bf16.
 
         Returns:
             The model, in eval mode.
         """
         self._optimized = enabled
-        self._plan = None
+        self._plan = self._autocast_plan = None
         return self.eval() if enabled else self
 
     def _inference_plan(self) -> _InferencePlan:
+        """The plan for the parameters' dtype or, under CPU autocast, one folded once into the autocast dtype (so
+        that no weight is cast per call, and the oneDNN kernels run in bf16 rather than ignore autocast)."""
+        autocast = _autocast_dtype(self.embedder.embedder.convolution.weight)
         signature = tuple(_tensor_version(t) for t in (*self.parameters(), *self.buffers()))
-        if self._plan is None or self._plan.signature != signature:
+        plan = self._plan if autocast is None else getattr(self, "_autocast_plan", None)
+        if plan is None or plan.signature != signature or (autocast is not None and plan.dtype != autocast):
             with torch.no_grad():
-                self._plan = _InferencePlan(self, signature)
-        return self._plan
+                plan = _InferencePlan(self, signature, autocast)
+            if autocast is None:
+                self._plan = plan
+            else:
+                self._autocast_plan = plan
+        return plan
 
     def forward_stages(
         self, pixel_values: torch.Tensor, indices: tuple[int, ...], output_attentions: bool

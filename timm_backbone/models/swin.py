@@ -357,9 +357,16 @@ class SwinWindowAttention(nn.Module):
         return self.relative_position_bias_table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)
 
     def attention_mask(
-        self, window: tuple[int, int], num_windows: int, batch: int, region_mask: torch.Tensor | None, key: tuple
+        self,
+        window: tuple[int, int],
+        num_windows: int,
+        batch: int,
+        region_mask: torch.Tensor | None,
+        key: tuple,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """Bias plus shift mask, cached per geometry unless the bias table needs a gradient.
+        """Bias plus shift mask, cached per geometry unless the bias table needs a gradient; in ``dtype`` when given
+        (the attention's under autocast, so that the cached mask is not cast on every call).
 
         Returns:
             (B * nW, heads, N, N), or (1, nW * heads, N, N) when repeating it per image would be too large.
@@ -367,13 +374,14 @@ class SwinWindowAttention(nn.Module):
         table = self.relative_position_bias_table
         if is_tracing() or (torch.is_grad_enabled() and table.requires_grad):
             return self._build_mask(window, num_windows, batch, region_mask)
-        key = (*key, batch, table._version, table.data_ptr(), table.dtype, torch.is_inference_mode_enabled())
+        key = (*key, batch, table._version, table.data_ptr(), table.dtype, torch.is_inference_mode_enabled(), dtype)
         mask = self._mask_cache.get(key)
         # threads share the cache: an entry may be evicted by another thread between these steps, which only
         # costs a rebuild, never a wrong mask (each key fully determines its mask)
         try:
             if mask is None:
-                mask = self._mask_cache[key] = self._build_mask(window, num_windows, batch, region_mask)
+                mask = self._build_mask(window, num_windows, batch, region_mask)
+                mask = self._mask_cache[key] = mask if dtype is None else mask.to(dtype)
                 while len(self._mask_cache) > self.cache_size:
                     self._mask_cache.popitem(last=False)
             else:
@@ -477,7 +485,9 @@ class SwinBlock(nn.Module):
         if shift[0] or shift[1]:
             region_fn = _shift_region_mask if compiling else _cached_shift_region_mask
             region = region_fn(hp, wp, window, shift, x.device, x.dtype if x.is_floating_point() else torch.float32)
-        mask = self.attn.attention_mask(window, windows.shape[1], b, region, (hp, wp, window, shift, x.device))
+        autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and self.attn.fused_attn
+        dtype = torch.get_autocast_dtype("cpu") if autocast and not need_weights else None
+        mask = self.attn.attention_mask(window, windows.shape[1], b, region, (hp, wp, window, shift, x.device), dtype)
         y, weights = self.attn(windows, mask, need_weights)
 
         y = y.reshape(b, num_windows * window[0] * window[1], c).index_select(1, inverse).view(b, h, w, c)  # B, H, W, C
