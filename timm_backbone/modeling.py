@@ -117,7 +117,7 @@ class PreTrainedModel(nn.Module):
             raise OSError(f"{save_directory} is a file; save_pretrained needs a folder")
         self.config.architectures = [type(self).__name__]
         weights = safetensors_bytes(self.state_dict_for_save(), {"format": "pt"})
-        config = self.config.to_json_string().encode("utf-8")
+        config = self.config.to_json_string(use_diff=False).encode("utf-8")
         save_directory.mkdir(parents=True, exist_ok=True)
         atomic_write_files({save_directory / SAFE_WEIGHTS_NAME: weights, save_directory / CONFIG_NAME: config})
 

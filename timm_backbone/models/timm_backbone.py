@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -9,7 +10,7 @@ from timm.models._features import FeatureGetterNet
 from torch import nn
 
 from ..auto import ModelFamily, register_family
-from ..backbone import BackboneMixin
+from ..backbone import BackboneMixin, BackboneType
 from ..configuration import BackboneConfigMixin, PretrainedConfig
 from ..hub import Source, check_timm_name, resolve_source
 from ..modeling import PreTrainedModel
@@ -59,7 +60,9 @@ class TimmBackboneConfig(BackboneConfigMixin, PretrainedConfig):
         freeze_batch_norm_2d: Replace BatchNorm layers with frozen ones (detection fine-tuning).
         output_stride: Dilate the last stages for this total stride (8, 16), where the model supports it.
         model_args: Further keyword arguments for ``timm.create_model`` (``img_size``, ``drop_path_rate``...).
-        **kwargs: Keyword arguments that are not config fields are added to ``model_args``.
+        **kwargs: Other fields, kept as attributes and saved (``image_size``...), as in transformers. A keyword that
+            the timm constructor of ``backbone`` takes (asked of timm with a build on the meta device) is moved to
+            ``model_args`` instead, so ``TimmBackboneConfig("resnet18", drop_path_rate=0.1)`` reaches timm.
     """
 
     model_type = "timm_backbone"
@@ -81,9 +84,9 @@ class TimmBackboneConfig(BackboneConfigMixin, PretrainedConfig):
         if backbone is not None and not isinstance(backbone, str):
             raise TypeError(f"backbone must be a timm model name (str), got {type(backbone).__name__}")
         model_args = dict(model_args or {})
-        for key in list(kwargs):
-            if key not in _CONFIG_KEYS and not key.startswith("_"):
-                model_args[key] = kwargs.pop(key)
+        candidates = {k: v for k, v in kwargs.items() if k not in _CONFIG_KEYS and not k.startswith("_")}
+        for key in _timm_create_keys(backbone, candidates):
+            model_args[key] = kwargs.pop(key)
         super().__init__(**kwargs)
         self.backbone = backbone
         self.num_channels = num_channels
@@ -132,6 +135,36 @@ class TimmBackboneConfig(BackboneConfigMixin, PretrainedConfig):
         for key, value in extra.items():
             setattr(config, key, value)
         return config
+
+
+_UNEXPECTED_KEYWORD = re.compile(r"unexpected keyword argument '(\w+)'")
+
+
+def _timm_create_keys(backbone: str | None, candidates: dict[str, Any]) -> list[str]:
+    """The keys of ``candidates`` that ``timm.create_model(backbone, ...)`` takes, asked of timm by building the model
+    on the meta device and dropping each keyword it reports as unexpected. Nothing is taken when timm cannot be asked
+    (no backbone yet, or a name timm does not know): the keys stay config attributes."""
+    if not candidates or not backbone or backbone.startswith("hf-hub:"):
+        return []
+    import timm
+
+    if not timm.is_model(backbone.split(".")[0]):
+        return []
+    taken = dict(candidates)
+    while taken:
+        try:
+            with torch.device("meta"):
+                timm.create_model(backbone.split(".")[0], pretrained=False, **taken)
+        except TypeError as err:
+            match = _UNEXPECTED_KEYWORD.search(str(err))
+            if match is None or match.group(1) not in taken:
+                break  # a key timm takes with a value it rejects: building the model reports it
+            del taken[match.group(1)]
+            continue
+        except (ValueError, AssertionError, RuntimeError, NotImplementedError):
+            break  # accepted keywords with values timm rejects, or a model the meta device cannot build
+        break
+    return list(taken)
 
 
 _INIT_KEYS = {
@@ -198,12 +231,26 @@ def _stage_info(arch: str, kwargs: dict[str, Any], features_only: bool) -> list[
     return [dict(d) for d in info]
 
 
-def _input_size_rule(model: nn.Module) -> tuple[str, tuple[int, int]] | None:
+def _stage_names(info: list[dict[str, Any]]) -> list[str]:
+    """Unique stage names from timm's ``feature_info`` module names: a name that several stages share (the branches
+    of coat and crossvit) or an empty one (tresnet's first stage) gets ``:<feature index>`` appended."""
+    modules = [d["module"] for d in info]
+    return [
+        f"{module or 'feature'}:{i}" if not module or modules.count(module) > 1 else module
+        for i, module in enumerate(modules)
+    ]
+
+
+def _input_size_rule(model: nn.Module, num_channels: int) -> tuple[str, tuple[int, int]] | None:
     """What timm's input patch embedding asserts about the image size: ``("fixed", img_size)`` for a strict size,
-    ``("multiple", patch_size)`` when sizes must divide into patches, ``None`` when any size runs."""
+    ``("multiple", patch_size)`` when sizes must divide into patches, ``None`` when any size runs. Only a patch
+    embedding that takes the image itself counts (visformer's inner ones see a stem's output, not the image)."""
     for module in model.modules():
         img_size = getattr(module, "img_size", None)
         if img_size is None or not hasattr(module, "strict_img_size"):
+            continue
+        proj = getattr(module, "proj", None)
+        if getattr(proj, "in_channels", num_channels) != num_channels:
             continue
         if module.strict_img_size:
             return "fixed", tuple(img_size)
@@ -221,6 +268,7 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
 
     config_class = TimmBackboneConfig
     checkpoint_prefixes = ("_backbone.",)
+    backbone_type = BackboneType.TIMM
 
     def __init__(self, config: TimmBackboneConfig, *, timm_state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Build the backbone with random weights, or around ``timm_state_dict`` (a timm-format checkpoint, adapted
@@ -228,7 +276,13 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
         super().__init__(config)
         arch, create_kwargs = _create_args(config)
         info = _stage_info(arch, create_kwargs, config.features_only)
-        stage_names = [d["module"] for d in info]
+        if config.features_only and any(not d["module"] for d in info):
+            # timm's FeatureListNet taps stages by module name and cannot tap an unnamed one (tresnet's first
+            # stage): read the stages through the model's forward_intermediates instead
+            create_kwargs["feature_cls"] = "getter"
+        stage_names = _stage_names(info)
+        if config.stage_names == [d["module"] for d in info]:
+            config.stage_names = stage_names  # saved with timm's raw names (transformers writes those)
         if config.stage_names is not None and config.stage_names != stage_names:
             raise ValueError(
                 f"config.stage_names {config.stage_names} do not match the stages of timm model {arch!r} "
@@ -242,6 +296,8 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
             overlay = {"state_dict": timm_state_dict, "source": "", "hf_hub_id": None, "url": None, "file": None}
             create_kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
         self._backbone = _feature_net(arch, create_kwargs, config.features_only, tuple(range(held)))
+        self._timm_args = (arch, create_kwargs, tuple(range(held)))  # also the recipe of supported_input_sizes' probe
+        self._probe: list[nn.Module] = []  # the meta-device copy, built on first use (a list: not a submodule)
         if config.freeze_batch_norm_2d:
             from timm.layers import freeze_batch_norm_2d
 
@@ -251,8 +307,11 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
         self._getter = self._backbone.model if isinstance(self._backbone, FeatureGetterNet) else None
         if not config.features_only:
             self._getter = self._backbone
-        self._size_rule = _input_size_rule(self._backbone)
-        self.init_stages(stage_names, [d["num_chs"] for d in info], [d["reduction"] for d in info], held)
+        self._size_rule = _input_size_rule(self._backbone, config.num_channels)
+        strides = [d["reduction"] for d in info]
+        if create_kwargs.get("feature_cls") == "getter" and config.features_only:
+            strides = self._measured_strides(strides)
+        self.init_stages(stage_names, [d["num_chs"] for d in info], strides, held)
 
     def forward_stages(
         self, pixel_values: torch.Tensor, indices: tuple[int, ...], output_attentions: bool
@@ -275,9 +334,16 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
                 if isinstance(features, dict):
                     features = list(features.values())
                 by_stage = dict(enumerate(features))
-        except AssertionError as err:  # timm checks input sizes with asserts
+        except (AssertionError, RuntimeError, ValueError, IndexError) as err:
+            # timm checks some sizes with asserts (often without a message); others fail deep inside the model. A
+            # shape that fails on the meta device too is a size the model cannot run: say which sizes do
+            if self._runs_at(tuple(pixel_values.shape[-2:])):
+                raise
+            reason = str(err).strip() or f"{type(err).__name__} without a message"
             raise ValueError(
-                f"timm model {self.config.backbone!r} rejected pixel_values of shape {tuple(pixel_values.shape)}: {err}"
+                f"timm model {self.config.backbone!r} cannot run pixel_values of shape {tuple(pixel_values.shape)} "
+                f"({reason}); square sizes that run: {self.supported_input_sizes()} "
+                f"(model.supported_input_sizes() lists more); resize or pad the input"
             ) from err
         if self._nhwc:
             by_stage = {i: f.permute(0, 3, 1, 2) for i, f in by_stage.items()}
@@ -304,6 +370,67 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
                 f"{rule_h}x{rule_w}, got {height}x{width}; resize or pad the input (or pass "
                 f"model_args={{'dynamic_img_pad': True}})"
             )
+
+    def _measured_strides(self, reported: list[int]) -> list[int]:
+        """``reported`` (timm's ``feature_info``) with each stage held checked against the output sizes of a meta-device
+        run at timm's default input size; a stride that does not match is replaced by the measured one (tresnet's
+        first stage is reported at stride 2 but comes after a 4x space-to-depth)."""
+        size = self._default_input_size() or 224
+        if not self._runs_at((size, size)):
+            return reported
+        with torch.no_grad():
+            maps = self._probe[0](torch.empty(1, self.config.num_channels, size, size, device="meta"))
+        maps = list(maps.values()) if isinstance(maps, dict) else list(maps)
+        strides = list(reported)
+        for i, f in enumerate(maps):
+            side = f.shape[1] if self._nhwc else f.shape[-2]
+            if side and side not in (size // reported[i], -(-size // reported[i])):
+                strides[i] = round(size / side)
+        return strides
+
+    def _default_input_size(self) -> int:
+        cfg = getattr(self._backbone, "pretrained_cfg", None) or getattr(self._getter, "pretrained_cfg", None) or {}
+        return int(dict(cfg).get("input_size", (0, 0, 0))[-1])
+
+    def supported_input_sizes(self, limit: int = 3, largest: int = 1024) -> list[int]:
+        """Square input sizes (height = width) that the model runs, smallest first, found by running a copy on the meta
+        device (no memory, no compute) at multiples of the deepest selected stride, from :attr:`min_input_size` up to
+        ``largest``, and at timm's default input size. Some timm models hold size limits inside (levit, volo,
+        coatnet...) that the stride rule does not show; this tells the truth for them.
+
+        Args:
+            limit: Return at most this many sizes.
+            largest: Largest size tried.
+        """
+        step = max(self.min_input_size, 1)
+        default = self._default_input_size()
+        candidates = sorted({*range(step, largest + 1, step), *([default] if default else [])})
+        if self._size_rule is not None and self._size_rule[0] == "fixed":
+            candidates = [self._size_rule[1][0]] if self._size_rule[1][0] == self._size_rule[1][1] else []
+        found = []
+        for size in candidates:
+            if size >= self.min_input_size and self._runs_at((size, size)):
+                found.append(size)
+                if len(found) == limit:
+                    break
+        return found
+
+    def _runs_at(self, size: tuple[int, int]) -> bool:
+        """Whether the meta-device copy of the model runs an input of ``size`` (height, width)."""
+        if not self._probe:
+            arch, kwargs, indices = self._timm_args
+            with torch.device("meta"):
+                self._probe.append(_feature_net(arch, kwargs, self.config.features_only, indices).eval())
+        x = torch.empty(1, self.config.num_channels, *size, device="meta")
+        try:
+            with torch.no_grad():
+                if self._getter is not None and not self.config.features_only:
+                    self._probe[0].forward_intermediates(x, intermediates_only=True)
+                else:
+                    self._probe[0](x)
+        except (AssertionError, RuntimeError, ValueError, IndexError, TypeError, NotImplementedError):
+            return False
+        return True
 
     # loading ------------------------------------------------------------------------------------------------------
     @classmethod
