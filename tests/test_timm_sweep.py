@@ -1,0 +1,124 @@
+"""The wrapper over a deterministic sample of timm architectures, one from every timm model module: it builds, its maps
+are NCHW with the reported channels and strides, equal bare timm's with the same weights, selection by index and by
+name picks the same maps, and a saved model reloads to the same outputs. Random weights, small inputs; an input the
+model cannot run is a ``ValueError`` naming the sizes that do.
+
+The whole sample is slow (``--runslow``); a few architectures that exercise the unusual cases run by default.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import timm
+import torch
+
+from timm_backbone import TimmBackbone, TimmBackboneConfig
+
+# name fragments of small variants, most preferred first: the sample takes the smallest-looking model of each module
+_SMALL = ("test_", "atto", "femto", "pico", "nano", "micro", "xxs", "tiny", "xs", "small", "b0", "lite", "s_", "_s")
+TINY_INPUT = 64
+BUDGET_SECONDS = 60.0  # per architecture, build to reload; far above what any sampled model needs at these sizes
+
+
+def _rank(name: str) -> tuple:
+    hits = [i for i, fragment in enumerate(_SMALL) if fragment in name]
+    return (min(hits) if hits else len(_SMALL), len(name), name)
+
+
+def sample_architectures() -> list[str]:
+    """One architecture per timm model module (the smallest-looking name), sorted: the same list for a timm version."""
+    return sorted(min(timm.list_models(module=module), key=_rank) for module in sorted(timm.list_modules()))
+
+
+# unusual cases, run by default, shrunk through model_args: an empty feature module name (tresnet), a name shared by
+# several stages (coat), an inner patch embed (visformer), a size limit inside the model (levit), and the common
+# shapes (FeatureListNet, FeatureGetterNet, NHWC)
+FAST = {
+    "tresnet_m": {"layers": [1, 1, 1, 1], "width_factor": 0.25},
+    "coat_tiny": {"img_size": 64, "embed_dims": (16, 16, 16, 16), "serial_depths": (1, 1, 1, 1), "parallel_depth": 1},
+    "visformer_tiny": {"img_size": 64, "depth": (1, 1, 1), "embed_dim": 48},
+    "levit_128s": {"img_size": 64, "depth": (1, 1, 1)},
+    "test_resnet": {},
+    "test_vit": {},
+    "test_mambaout": {},
+}
+
+
+def _input_size(model: TimmBackbone) -> int:
+    """The tiny input when the model runs it, else the smallest size the model names as one that runs (the error for
+    the tiny input must be a ValueError)."""
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, model.config.num_channels, TINY_INPUT, TINY_INPUT))
+        return TINY_INPUT
+    except ValueError:
+        sizes = model.supported_input_sizes(limit=1)
+        assert sizes, f"{model.config.backbone}: no square size up to 1024 runs"
+        return sizes[0]
+
+
+def check_architecture(arch: str, tmp_path, model_args: dict | None = None) -> None:
+    """Every check of the sweep on one architecture (see the module docstring)."""
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    model = TimmBackbone(TimmBackboneConfig(arch, out_indices=None, model_args=model_args)).eval()
+    n = len(model.stage_names)
+    assert len(set(model.stage_names)) == n, f"{arch}: stage names repeat: {model.stage_names}"
+    model = TimmBackbone(TimmBackboneConfig(arch, out_indices=list(range(n)), model_args=model_args)).eval()
+    size = _input_size(model)
+    x = torch.randn(2, model.config.num_channels, size, size)
+    with torch.no_grad():
+        maps = model(x).feature_maps
+    assert [f.shape[1] for f in maps] == model.channels, arch
+    for f, stride in zip(maps, model.strides):
+        assert f.dim() == 4 and f.shape[0] == 2, arch
+        assert f.shape[-2] in (size // stride, math.ceil(size / stride)), f"{arch}: {tuple(f.shape)} at stride {stride}"
+    bare = _bare_timm(model)
+    with torch.no_grad():
+        expected = [f.permute(0, 3, 1, 2) if model._nhwc else f for f in bare(x)]
+    torch.testing.assert_close(list(maps), list(expected)[:n], msg=f"{arch}: differs from bare timm")
+    first, last = model.stage_names[0], model.stage_names[-1]
+    with torch.no_grad():
+        model.out_indices = [0, n - 1] if n > 1 else [0]
+        by_index = model(x).feature_maps
+        model.out_features = [first, last] if n > 1 else [first]
+        by_name = model(x).feature_maps
+    torch.testing.assert_close(by_index, by_name)
+    torch.testing.assert_close(by_index[-1], maps[-1])
+    model.save_pretrained(tmp_path)
+    reloaded = TimmBackbone.from_pretrained(tmp_path)
+    assert reloaded.stage_names == model.stage_names and reloaded.out_features == model.out_features
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).feature_maps, by_index)
+    elapsed = time.perf_counter() - start
+    assert elapsed < BUDGET_SECONDS, f"{arch} took {elapsed:.0f}s"
+
+
+@pytest.mark.parametrize("arch", sorted(FAST))
+def test_unusual_architectures(arch, tmp_path):
+    check_architecture(arch, tmp_path, FAST[arch])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sample_architectures())
+def test_every_timm_module(arch, tmp_path):
+    check_architecture(arch, tmp_path)
+
+
+def test_sample_covers_every_module():
+    sample = sample_architectures()
+    assert len(sample) == len(timm.list_modules()) and sample == sample_architectures()
+
+
+def _bare_timm(model: TimmBackbone) -> torch.nn.Module:
+    """Bare timm's feature extractor built with the same arguments, holding the wrapper's weights."""
+    arch, kwargs, indices = model._timm_args
+    if model.config.features_only:
+        bare = timm.create_model(arch, features_only=True, out_indices=indices, **kwargs)
+    else:
+        bare = timm.create_model(arch, **kwargs)
+    bare.load_state_dict(model._backbone.state_dict())
+    return bare.eval()
