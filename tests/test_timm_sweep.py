@@ -14,67 +14,69 @@ import time
 import pytest
 import timm
 import torch
+from timm.models import get_pretrained_cfg
 
 from timm_backbone import TimmBackbone, TimmBackboneConfig
 
 # name fragments of small variants, most preferred first: the sample takes the smallest-looking model of each module
 _SMALL = ("test_", "atto", "femto", "pico", "nano", "micro", "xxs", "tiny", "xs", "small", "b0", "lite", "s_", "_s")
 TINY_INPUT = 64
-BUDGET_SECONDS = 60.0  # per architecture, build to reload; far above what any sampled model needs at these sizes
+BUDGET_SECONDS = 120.0  # per architecture, build to reload; far above what any sampled model needs at these sizes
 
 
 def _rank(name: str) -> tuple:
     hits = [i for i, fragment in enumerate(_SMALL) if fragment in name]
-    return (min(hits) if hits else len(_SMALL), len(name), name)
+    cfg = get_pretrained_cfg(name)
+    size = cfg.input_size[-1] if cfg is not None and cfg.input_size else 10**4
+    return (min(hits) if hits else len(_SMALL), size, len(name), name)
 
 
 def sample_architectures() -> list[str]:
-    """One architecture per timm model module (the smallest-looking name), sorted: the same list for a timm version."""
+    """One architecture per timm model module (the smallest-looking name, then the smallest default input), sorted: the
+    same list for a timm version."""
     return sorted(min(timm.list_models(module=module), key=_rank) for module in sorted(timm.list_modules()))
 
 
 # unusual cases, run by default, shrunk through model_args: an empty feature module name (tresnet), a name shared by
-# several stages (coat), an inner patch embed (visformer), a size limit inside the model (levit), and the common
-# shapes (FeatureListNet, FeatureGetterNet, NHWC)
+# several stages (coat), an inner patch embed (visformer), a size limit inside the model (levit), and a plain
+# FeatureGetterNet (the other common shapes run in every contract test through tests/tiny_backbones.py)
 FAST = {
     "tresnet_m": {"layers": [1, 1, 1, 1], "width_factor": 0.25},
     "coat_tiny": {"img_size": 64, "embed_dims": (16, 16, 16, 16), "serial_depths": (1, 1, 1, 1), "parallel_depth": 1},
     "visformer_tiny": {"img_size": 64, "depth": (1, 1, 1), "embed_dim": 48},
     "levit_128s": {"img_size": 64, "depth": (1, 1, 1)},
-    "test_resnet": {},
     "test_vit": {},
-    "test_mambaout": {},
 }
 
 
-def _input_size(model: TimmBackbone) -> int:
-    """The tiny input when the model runs it, else the smallest size the model names as one that runs (the error for
-    the tiny input must be a ValueError)."""
+def _run_small(model: TimmBackbone) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """An input and its maps: the tiny input when the model runs it, else the smallest square size the model names as
+    one that runs (the error for the tiny input must be a ValueError)."""
+    x = torch.randn(1, model.config.num_channels, TINY_INPUT, TINY_INPUT)
     try:
         with torch.no_grad():
-            model(torch.zeros(1, model.config.num_channels, TINY_INPUT, TINY_INPUT))
-        return TINY_INPUT
+            return x, model(x).feature_maps
     except ValueError:
         sizes = model.supported_input_sizes(limit=1)
         assert sizes, f"{model.config.backbone}: no square size up to 1024 runs"
-        return sizes[0]
+    x = torch.randn(1, model.config.num_channels, sizes[0], sizes[0])
+    with torch.no_grad():
+        return x, model(x).feature_maps
 
 
 def check_architecture(arch: str, tmp_path, model_args: dict | None = None) -> None:
     """Every check of the sweep on one architecture (see the module docstring)."""
     start = time.perf_counter()
     torch.manual_seed(0)
-    model = TimmBackbone(TimmBackboneConfig(arch, out_indices=None, model_args=model_args)).eval()
+    model = TimmBackbone(TimmBackboneConfig(arch, model_args=model_args)).eval()  # the last stage: holds them all
     n = len(model.stage_names)
     assert len(set(model.stage_names)) == n, f"{arch}: stage names repeat: {model.stage_names}"
-    model = TimmBackbone(TimmBackboneConfig(arch, out_indices=list(range(n)), model_args=model_args)).eval()
-    size = _input_size(model)
-    x = torch.randn(2, model.config.num_channels, size, size)
-    with torch.no_grad():
-        maps = model(x).feature_maps
+    model.out_indices = list(range(n))
+    x, maps = _run_small(model)
+    size = x.shape[-1]
     assert [f.shape[1] for f in maps] == model.channels, arch
     for f, stride in zip(maps, model.strides):
-        assert f.dim() == 4 and f.shape[0] == 2, arch
+        assert f.dim() == 4 and f.shape[0] == 1, arch
         assert f.shape[-2] in (size // stride, math.ceil(size / stride)), f"{arch}: {tuple(f.shape)} at stride {stride}"
     bare = _bare_timm(model)
     with torch.no_grad():
@@ -122,3 +124,22 @@ def _bare_timm(model: TimmBackbone) -> torch.nn.Module:
         bare = timm.create_model(arch, **kwargs)
     bare.load_state_dict(model._backbone.state_dict())
     return bare.eval()
+
+
+def test_a_size_limit_inside_the_model_is_a_value_error_naming_the_sizes_that_run():
+    model = TimmBackbone(TimmBackboneConfig("levit_128s", model_args=FAST["levit_128s"])).eval()
+    assert model.min_input_size == 64  # the stride rule lets 96 through; levit's attention biases do not
+    with pytest.raises(ValueError, match=r"'levit_128s' cannot run pixel_values of shape \(1, 3, 96, 96\) \(.+\); "):
+        model(torch.randn(1, 3, 96, 96))
+    assert model.supported_input_sizes() == [64]
+    with pytest.raises(ValueError, match=r"it runs 64x64 \(model.supported_input_sizes\(\) lists"):
+        model(torch.randn(1, 3, 128, 128))
+
+
+def test_repeated_and_empty_module_names_become_unique_stage_names():
+    coat = TimmBackbone(TimmBackboneConfig("coat_tiny", model_args=FAST["coat_tiny"]))
+    assert coat.stage_names == ["serial_blocks1", "parallel_blocks:1", "parallel_blocks:2", "parallel_blocks:3"]
+    coat.out_features = ["parallel_blocks:2"]
+    assert coat.out_indices == [2]
+    tresnet = TimmBackbone(TimmBackboneConfig("tresnet_m", model_args=FAST["tresnet_m"], out_indices=[0, 1]))
+    assert tresnet.stage_names[:2] == ["feature:0", "body.layer1"] and tresnet.strides == [4, 4]

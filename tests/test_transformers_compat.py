@@ -147,7 +147,7 @@ def test_backbone_output_is_an_ordered_mapping_like_transformers():
     assert ours["attentions"] is theirs["attentions"] and ours[1] is theirs[1] and ours[0][0] is a
     assert ours.to_tuple() == theirs.to_tuple() and len(ours) == len(theirs) == 2
     assert ("hidden_states" in ours) is ("hidden_states" in theirs) is False
-    assert dict(ours) == dict(theirs)
+    assert dict(ours) == dict(theirs) == dict(**ours)
     with pytest.raises(KeyError):
         ours["hidden_states"]
     for out in (ours, theirs):

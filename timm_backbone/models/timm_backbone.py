@@ -298,6 +298,7 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
         self._backbone = _feature_net(arch, create_kwargs, config.features_only, tuple(range(held)))
         self._timm_args = (arch, create_kwargs, tuple(range(held)))  # also the recipe of supported_input_sizes' probe
         self._probe: list[nn.Module] = []  # the meta-device copy, built on first use (a list: not a submodule)
+        self._runs: dict[tuple[int, int], bool] = {}
         if config.freeze_batch_norm_2d:
             from timm.layers import freeze_batch_norm_2d
 
@@ -340,10 +341,13 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
             if self._runs_at(tuple(pixel_values.shape[-2:])):
                 raise
             reason = str(err).strip() or f"{type(err).__name__} without a message"
+            largest = 2 * max(self._default_input_size(), *pixel_values.shape[-2:])
+            found = self.supported_input_sizes(limit=1, largest=largest)
+            runs = f"it runs {found[0]}x{found[0]}" if found else f"no square size up to {largest} runs"
             raise ValueError(
                 f"timm model {self.config.backbone!r} cannot run pixel_values of shape {tuple(pixel_values.shape)} "
-                f"({reason}); square sizes that run: {self.supported_input_sizes()} "
-                f"(model.supported_input_sizes() lists more); resize or pad the input"
+                f"({reason}); {runs} (model.supported_input_sizes() lists the square sizes that run); resize or pad "
+                f"the input"
             ) from err
         if self._nhwc:
             by_stage = {i: f.permute(0, 3, 1, 2) for i, f in by_stage.items()}
@@ -404,7 +408,9 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
         """
         step = max(self.min_input_size, 1)
         default = self._default_input_size()
-        candidates = sorted({*range(step, largest + 1, step), *([default] if default else [])})
+        # timm's default size first: the one size every model runs (many limited models run only that one)
+        candidates = [default] if default else []
+        candidates += [size for size in range(step, largest + 1, step) if size != default]
         if self._size_rule is not None and self._size_rule[0] == "fixed":
             candidates = [self._size_rule[1][0]] if self._size_rule[1][0] == self._size_rule[1][1] else []
         found = []
@@ -413,10 +419,12 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
                 found.append(size)
                 if len(found) == limit:
                     break
-        return found
+        return sorted(found)
 
     def _runs_at(self, size: tuple[int, int]) -> bool:
-        """Whether the meta-device copy of the model runs an input of ``size`` (height, width)."""
+        """Whether the meta-device copy of the model runs an input of ``size`` (height, width); remembered."""
+        if size in self._runs:
+            return self._runs[size]
         if not self._probe:
             arch, kwargs, indices = self._timm_args
             with torch.device("meta"):
@@ -429,7 +437,9 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
                 else:
                     self._probe[0](x)
         except (AssertionError, RuntimeError, ValueError, IndexError, TypeError, NotImplementedError):
+            self._runs[size] = False
             return False
+        self._runs[size] = True
         return True
 
     # loading ------------------------------------------------------------------------------------------------------
