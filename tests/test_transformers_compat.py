@@ -404,3 +404,18 @@ def test_post_process_segmentation_agrees_with_transformers_semantic_maps():
 def test_binary_mask_to_rle_takes_numpy_like_transformers():
     mask = np.random.default_rng(1).integers(0, 2, (7, 9)).astype(np.uint8)
     assert binary_mask_to_rle(mask) == hf_binary_mask_to_rle(mask) == binary_mask_to_rle(torch.from_numpy(mask))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["ViTImageProcessor", "DeiTImageProcessor", "CLIPImageProcessor", "BitImageProcessor", "ConvNextImageProcessor"],
+)
+def test_every_processor_has_json_files_that_transformers_reads(tmp_path, name):
+    import timm_backbone
+
+    processor = getattr(timm_backbone, name)(image_mean=[0.5, 0.4, 0.3])
+    path = tmp_path / "preprocessor_config.json"
+    processor.to_json_file(path)
+    assert type(processor).from_json_file(path) == processor
+    theirs = getattr(transformers, name).from_json_file(path)
+    assert list(theirs.image_mean) == [0.5, 0.4, 0.3] and theirs.size == processor.size
