@@ -419,3 +419,13 @@ def test_every_processor_has_json_files_that_transformers_reads(tmp_path, name):
     assert type(processor).from_json_file(path) == processor
     theirs = getattr(transformers, name).from_json_file(path)
     assert list(theirs.image_mean) == [0.5, 0.4, 0.3] and theirs.size == processor.size
+
+
+def test_forward_with_filtered_kwargs_drops_what_forward_does_not_take():
+    ours, theirs = _pair("resnet")
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        got = ours.eval().forward_with_filtered_kwargs(x, output_attentions=True, return_dict=True)
+        want = theirs.eval().forward_with_filtered_kwargs(x, output_attentions=True, return_dict=True)
+    torch.testing.assert_close(got.feature_maps, want.feature_maps)

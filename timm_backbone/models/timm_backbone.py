@@ -292,11 +292,12 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
         config.set_output_features_output_indices(config.out_features, config.out_indices)
         # timm builds stages up to the deepest selected one only (its feature nets prune the rest): those are held
         held = max(config.out_indices) + 1
+        # the recipe of the meta-device copy that supported_input_sizes runs (without the weights)
+        self._timm_args = (arch, dict(create_kwargs), tuple(range(held)))
         if timm_state_dict is not None:
             overlay = {"state_dict": timm_state_dict, "source": "", "hf_hub_id": None, "url": None, "file": None}
             create_kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
         self._backbone = _feature_net(arch, create_kwargs, config.features_only, tuple(range(held)))
-        self._timm_args = (arch, create_kwargs, tuple(range(held)))  # also the recipe of supported_input_sizes' probe
         self._probe: list[nn.Module] = []  # the meta-device copy, built on first use (a list: not a submodule)
         self._runs: dict[tuple[int, int], bool] = {}
         if config.freeze_batch_norm_2d:
