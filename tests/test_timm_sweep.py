@@ -68,10 +68,17 @@ FAST = {
 }
 
 
+# models that resize their input to a fixed size internally: their strides hold at timm's default input size only
+RESIZES_INPUT = ("crossvit_",)
+
+
 def _run_small(model: TimmBackbone) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """An input and its maps: the tiny input when the model runs it, else the smallest square size the model names as
     one that runs (the error for the tiny input must be a ValueError)."""
-    x = torch.randn(1, model.config.num_channels, TINY_INPUT, TINY_INPUT)
+    size = TINY_INPUT
+    if model.config.backbone.startswith(RESIZES_INPUT):
+        size = timm.get_pretrained_cfg(model.config.backbone).input_size[-1]
+    x = torch.randn(1, model.config.num_channels, size, size)
     try:
         with torch.no_grad():
             return x, model(x).feature_maps
