@@ -22,8 +22,7 @@ def test_default_is_last_stage():
         (None, [-5, -1], (["stem", "stage4"], [0, 4])),
         (["stage1", "stage3"], None, (["stage1", "stage3"], [1, 3])),
         (["stage1", "stage3"], [1, -2], (["stage1", "stage3"], [1, 3])),
-        ("stage2", None, (["stage2"], [2])),
-        (None, 3, (["stage3"], [3])),
+        (None, range(1, 3), (["stage1", "stage2"], [1, 2])),
     ],
 )
 def test_alignment(features, indices, expected):
@@ -45,11 +44,20 @@ def test_alignment(features, indices, expected):
         (["stage1", "stage1"], None, r"more than once"),
         (["stage1"], [2], r"select different stages"),
         (["stage1", "stage2"], [1], r"select different stages"),
+        # transformers' container rules: out_features a list, out_indices a list or tuple
+        ("stage2", None, r"out_features must be a list, got str 'stage2'; e\.g\. out_features=\['stage2'\]"),
+        (("stage1",), None, r"out_features must be a list, got tuple"),
+        (None, 3, r"out_indices must be a list or tuple, got int 3"),
     ],
 )
 def test_invalid_selections_raise_value_error(features, indices, match):
     with pytest.raises(ValueError, match=match):
         align_stage_selection(features, indices, STAGES)
+
+
+def test_unknown_stage_names_are_a_value_error():
+    with pytest.raises(ValueError, match="stage_names must be set"):
+        align_stage_selection(None, [0], None)
 
 
 def test_names_ordered_by_stage_not_by_string():

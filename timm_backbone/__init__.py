@@ -1,8 +1,8 @@
 """timm-backbone: any timm model, and native Swin and ResNet, as a backbone for dense prediction."""
 
-from .auto import AutoBackbone, AutoConfig, AutoImageProcessor
-from .backbone import BackboneMixin, BackboneOutput, align_stage_selection
-from .configuration import PretrainedConfig
+from .auto import AutoBackbone, AutoConfig, AutoImageProcessor, load_backbone
+from .backbone import BackboneMixin, BackboneOutput, BackboneType, ModelOutput, align_stage_selection
+from .configuration import BackboneConfigMixin, PreTrainedConfig, PretrainedConfig
 from .image_processing import (
     BaseImageProcessor,
     BatchFeature,
@@ -15,6 +15,7 @@ from .image_processing import (
 )
 from .modeling import LoadReport, PreTrainedModel
 from .models.maskformer import (
+    DetrConfig,
     MaskFormerConfig,
     MaskFormerForInstanceSegmentation,
     MaskFormerForInstanceSegmentationOutput,
@@ -32,14 +33,17 @@ __all__ = [
     "AutoBackbone",
     "AutoConfig",
     "AutoImageProcessor",
+    "BackboneConfigMixin",
     "BackboneMixin",
     "BackboneOutput",
+    "BackboneType",
     "BaseImageProcessor",
     "BatchFeature",
     "BitImageProcessor",
     "CLIPImageProcessor",
     "ConvNextImageProcessor",
     "DeiTImageProcessor",
+    "DetrConfig",
     "LoadReport",
     "MaskFormerConfig",
     "MaskFormerForInstanceSegmentation",
@@ -47,6 +51,8 @@ __all__ = [
     "MaskFormerImageProcessor",
     "MaskFormerModel",
     "MaskFormerModelOutput",
+    "ModelOutput",
+    "PreTrainedConfig",
     "PreTrainedModel",
     "PretrainedConfig",
     "ResNetBackbone",
@@ -58,4 +64,5 @@ __all__ = [
     "TimmImageProcessor",
     "ViTImageProcessor",
     "align_stage_selection",
+    "load_backbone",
 ]

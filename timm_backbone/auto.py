@@ -483,3 +483,31 @@ class AutoImageProcessor:
         if name is None:
             raise ValueError(f"this {PROCESSOR_NAME} names no image_processor_type (or feature_extractor_type)")
         return AutoImageProcessor.processor_class(name).from_dict(processor_dict, **kwargs)
+
+
+def load_backbone(config: PretrainedConfig) -> Any:
+    """The backbone a config names, as transformers' ``load_backbone``: a backbone config builds its backbone (random
+    weights); a task config (MaskFormer's) builds ``config.backbone_config``, or the backbone named by
+    ``config.backbone`` with ``use_timm_backbone``, ``use_pretrained_backbone`` (weights loaded, from the cache when
+    offline) and ``backbone_kwargs`` (field overrides such as ``out_indices``).
+
+    Raises:
+        ValueError: the config names no backbone, or both ``backbone_config`` and ``backbone`` /
+            ``backbone_kwargs``.
+    """
+    from .models.maskformer.configuration import resolve_backbone_config
+
+    if _is_backbone_config(config):
+        return AutoBackbone.from_config(config)
+    backbone_config = getattr(config, "backbone_config", None)
+    name = getattr(config, "backbone", None)
+    backbone_kwargs = dict(getattr(config, "backbone_kwargs", None) or {})
+    if backbone_config is None and name is None:
+        raise ValueError(
+            f"{type(config).__name__} names no backbone: set backbone_config, or backbone (a timm name, folder or hub "
+            f"id) with use_timm_backbone / use_pretrained_backbone"
+        )
+    if backbone_config is None and getattr(config, "use_pretrained_backbone", False):
+        return AutoBackbone.from_pretrained(name, **backbone_kwargs)
+    use_timm = bool(getattr(config, "use_timm_backbone", False))
+    return AutoBackbone.from_config(resolve_backbone_config(backbone_config, name, use_timm, backbone_kwargs))

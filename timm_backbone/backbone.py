@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import functools
 import numbers
 from collections.abc import Iterable, Iterator, Sequence
@@ -12,14 +13,22 @@ import torch
 import torch.utils._pytree as pytree
 
 
-def _as_list(value: Any, name: str) -> list | None:
+class BackboneType(enum.Enum):
+    """Where a backbone's stages come from, as transformers' ``BackboneType`` (``model.backbone_type``)."""
+
+    TIMM = "timm"
+    TRANSFORMERS = "transformers"
+
+
+def _as_list(value: Any, name: str, containers: tuple[type, ...]) -> list | None:
+    # transformers' rules: out_features is a list, out_indices a list or tuple; a bare name or int is not a selection
     if value is None:
         return None
-    if isinstance(value, (str, numbers.Integral)):
-        return [value]
-    if isinstance(value, (list, tuple, range)):
-        return list(value)
-    raise TypeError(f"{name} must be a list or tuple, got {type(value).__name__}")
+    if not isinstance(value, containers):
+        kinds = " or ".join(t.__name__ for t in containers[:2])
+        example = list(value) if isinstance(value, (tuple, list, range)) else [value]
+        raise ValueError(f"{name} must be a {kinds}, got {type(value).__name__} {value!r}; e.g. {name}={example!r}")
+    return list(value)
 
 
 def align_stage_selection(
@@ -38,16 +47,19 @@ def align_stage_selection(
         stage_names: Every stage of the backbone, in order.
 
     Raises:
-        ValueError: An index out of range, an unknown name, duplicates, entries out of stage order, or
-            ``out_features`` and ``out_indices`` that disagree. The message names the valid choices.
-        TypeError: A selection that is not a list/tuple of ints or strings.
+        ValueError: No ``stage_names``, ``out_features`` that is not a list or ``out_indices`` that is not a list or
+            tuple (transformers' rules), an index out of range, an unknown name, duplicates, entries out of stage
+            order, or ``out_features`` and ``out_indices`` that disagree. The message names the valid choices.
+        TypeError: An entry that is not an int (``out_indices``) or a string (``out_features``).
     """
+    if stage_names is None:
+        raise ValueError("stage_names must be set to select stages (out_features / out_indices)")
     stage_names = list(stage_names)
     num_stages = len(stage_names)
     if num_stages == 0:
         raise ValueError("the backbone has no stages to select from")
-    features = _as_list(out_features, "out_features")
-    indices = _as_list(out_indices, "out_indices")
+    features = _as_list(out_features, "out_features", (list,))
+    indices = _as_list(out_indices, "out_indices", (list, tuple, range))
     choices = ", ".join(f"{i}: {name!r}" for i, name in enumerate(stage_names))
 
     if indices is not None:
@@ -108,10 +120,12 @@ def _unflatten_output(cls: type, values: Iterable[Any], names: list[str]) -> Mod
 
 
 class ModelOutput:
-    """Base for output dataclasses: attribute access, ``out[i]`` / ``out["name"]`` and ``to_tuple()``.
+    """Base for output dataclasses: attribute access, and an ordered mapping of the fields that are not ``None``, as
+    transformers' outputs are.
 
-    Like transformers' outputs, fields that are ``None`` are left out of the tuple view. Subclasses are registered
-    as pytree nodes, so ``torch.export``, ONNX export and ``torch.compile`` can return them.
+    Iterating yields field names; ``keys()``, ``values()``, ``items()``, ``out["name"]`` and ``out["name"] = value``
+    work as on a dict, ``out[i]`` / ``out[i:j]`` index :meth:`to_tuple`. Subclasses are registered as pytree nodes,
+    so ``torch.export``, ONNX export and ``torch.compile`` can return them.
     """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -124,13 +138,20 @@ class ModelOutput:
         )
 
     def to_tuple(self) -> tuple:
+        """The values of the fields that are not ``None``, in field order."""
         return tuple(v for v in (getattr(self, f.name) for f in fields(self)) if v is not None)
 
     def keys(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
 
+    def values(self) -> list[Any]:
+        return list(self.to_tuple())
+
     def items(self) -> list[tuple[str, Any]]:
         return [(k, getattr(self, k)) for k in self.keys()]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
 
     def __getitem__(self, key: int | slice | str) -> Any:
         if isinstance(key, str):
@@ -139,11 +160,20 @@ class ModelOutput:
             return getattr(self, key)
         return self.to_tuple()[key]
 
-    def __iter__(self) -> Iterator:
-        return iter(self.to_tuple())
+    def __setitem__(self, key: str, value: Any) -> None:
+        names = [f.name for f in fields(self)]
+        if key not in names:
+            raise KeyError(f"{type(self).__name__} has no field {key!r}; its fields are {names}")
+        setattr(self, key, value)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
 
     def __len__(self) -> int:
-        return len(self.to_tuple())
+        return len(self.keys())
 
 
 @dataclass
@@ -180,6 +210,8 @@ class BackboneMixin:
     stage_strides: list[int]
     num_built_stages: int
     has_attentions: bool = False
+    # transformers' BackboneType: TIMM for the timm wrapper, TRANSFORMERS for the native families
+    backbone_type: BackboneType = BackboneType.TRANSFORMERS
 
     def init_stages(
         self,
@@ -240,6 +272,14 @@ class BackboneMixin:
             **(extra[0] if extra else {}),
         )
         return output if return_dict else output.to_tuple()
+
+    def forward_with_filtered_kwargs(self, *args: Any, **kwargs: Any) -> BackboneOutput | tuple:
+        """``forward`` without the keyword arguments it does not take (transformers' heads call backbones this way);
+        ``output_attentions`` is dropped for backbones without attentions."""
+        if not self.has_attentions:
+            kwargs.pop("output_attentions", None)
+        allowed = ("output_hidden_states", "output_attentions", "return_dict", "pixel_values")
+        return self(*args, **{k: v for k, v in kwargs.items() if k in allowed})
 
     def forward_stages(
         self, pixel_values: torch.Tensor, indices: tuple[int, ...], output_attentions: bool

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .backbone import align_stage_selection
-from .hub import CONFIG_NAME, Source, atomic_write, pop_hub_kwargs, resolve_source
+from .hub import CONFIG_NAME, Source, atomic_write, pop_hub_kwargs, read_json, resolve_source
 
-__all__ = ["BackboneConfigMixin", "NativeBackboneConfigMixin", "PretrainedConfig", "pop_hub_kwargs"]
+__all__ = ["BackboneConfigMixin", "NativeBackboneConfigMixin", "PreTrainedConfig", "PretrainedConfig", "pop_hub_kwargs"]
 
 
 class PretrainedConfig:
@@ -24,6 +24,10 @@ class PretrainedConfig:
     """
 
     model_type: ClassVar[str] = ""
+    # configs held by this one, by attribute name (transformers' ``sub_configs``); filled by configs that hold configs
+    sub_configs: ClassVar[dict[str, type]] = {}
+    # transformers' flag for seq2seq models; none of these models is one (a config.json may still set it)
+    is_encoder_decoder: bool = False
     # config.json files of these model types may be loaded by this class as well (e.g. maskformer-swin by swin)
     compatible_model_types: ClassVar[tuple[str, ...]] = ()
 
@@ -76,11 +80,41 @@ class PretrainedConfig:
         out["model_type"] = self.model_type
         return {k: _jsonable(v) for k, v in sorted(out.items())}
 
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+    def to_diff_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the base fields left at their defaults (labels, output flags...), as transformers'
+        ``to_diff_dict``: a model's own fields and ``model_type`` are always kept, held configs are reduced alike."""
+        base = PretrainedConfig().to_dict()
+        diff = {}
+        for key, value in self.to_dict().items():
+            held = getattr(self, key, None)
+            if isinstance(held, PretrainedConfig):
+                diff[key] = held.to_diff_dict()
+            elif key == "model_type" or key not in base or value != base[key]:
+                diff[key] = value
+        return diff
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        """The config as JSON; ``use_diff`` (transformers' default) keeps only the fields that differ from the class
+        defaults, ``False`` writes every field (what ``save_pretrained`` writes)."""
+        return json.dumps(self.to_diff_dict() if use_diff else self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, json_file_path: str | os.PathLike, use_diff: bool = True) -> None:
+        """Write :meth:`to_json_string` to ``json_file_path``, atomically."""
+        with atomic_write(Path(json_file_path), "w") as f:
+            f.write(self.to_json_string(use_diff=use_diff))
+
+    @classmethod
+    def from_json_file(cls, json_file: str | os.PathLike) -> PretrainedConfig:
+        """The config written in a JSON file (transformers' ``config.json`` included).
+
+        Raises:
+            OSError: the file cannot be read or is not JSON.
+            ValueError: it holds a config of another ``model_type``.
+        """
+        return cls.from_dict(read_json(json_file))
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__} {self.to_json_string()}"
+        return f"{type(self).__name__} {self.to_json_string(use_diff=False)}"
 
     def __eq__(self, other: object) -> bool:
         return type(self) is type(other) and self.to_dict() == other.to_dict()
@@ -92,7 +126,7 @@ class PretrainedConfig:
             raise OSError(f"{save_directory} is a file; save_pretrained needs a folder")
         save_directory.mkdir(parents=True, exist_ok=True)
         with atomic_write(save_directory / CONFIG_NAME, "w") as f:
-            f.write(self.to_json_string())
+            f.write(self.to_json_string(use_diff=False))
 
     @classmethod
     def from_pretrained(cls, src: str | os.PathLike, **kwargs: Any) -> PretrainedConfig:
@@ -280,6 +314,10 @@ def naming_config_file(source: Source) -> Iterator[None]:
         raise (TypeError if isinstance(err, TypeError) else ValueError)(f"{where}: {err}") from err
 
 
+# transformers 5 spells it PreTrainedConfig
+PreTrainedConfig = PretrainedConfig
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, PretrainedConfig):
         return value.to_dict()
@@ -311,8 +349,20 @@ class BackboneConfigMixin:
             self.set_output_features_output_indices(out_features, out_indices)
 
     def set_output_features_output_indices(self, out_features: Any, out_indices: Any) -> None:
-        """Validate and store a selection against ``stage_names``, normalised (non-negative, aligned)."""
+        """Validate and store a selection against ``stage_names``, normalised (non-negative, aligned).
+
+        Raises:
+            ValueError: ``stage_names`` is not known yet, or the selection is invalid (see
+                :func:`~timm_backbone.backbone.align_stage_selection`).
+        """
         self._out_features, self._out_indices = align_stage_selection(out_features, out_indices, self.stage_names)
+
+    def _set_selection(self, out_features: Any, out_indices: Any) -> None:
+        if self.stage_names is None:  # checked once the model knows its stages (transformers' timm_backbone rule)
+            self._out_features = out_features
+            self._out_indices = list(out_indices) if isinstance(out_indices, tuple) else out_indices
+            return
+        self.set_output_features_output_indices(out_features, out_indices)
 
     @property
     def out_features(self) -> list[str] | None:
@@ -320,7 +370,7 @@ class BackboneConfigMixin:
 
     @out_features.setter
     def out_features(self, value: Any) -> None:
-        self.set_output_features_output_indices(value, None)
+        self._set_selection(value, None)
 
     @property
     def out_indices(self) -> list[int] | None:
@@ -328,7 +378,7 @@ class BackboneConfigMixin:
 
     @out_indices.setter
     def out_indices(self, value: Any) -> None:
-        self.set_output_features_output_indices(None, value)
+        self._set_selection(None, value)
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()

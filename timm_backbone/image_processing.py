@@ -302,8 +302,26 @@ class BaseImageProcessor:
         out["image_processor_type"] = self.processor_type
         return dict(sorted(out.items()))
 
+    def to_json_string(self) -> str:
+        """:meth:`to_dict` as JSON, the content of ``preprocessor_config.json``."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, json_file_path: str | os.PathLike) -> None:
+        """Write :meth:`to_json_string` to ``json_file_path``, atomically."""
+        with atomic_write(Path(json_file_path), "w") as f:
+            f.write(self.to_json_string())
+
+    @classmethod
+    def from_json_file(cls, json_file: str | os.PathLike) -> BaseImageProcessor:
+        """The processor a ``preprocessor_config.json`` file describes (legacy keys included).
+
+        Raises:
+            OSError: the file cannot be read or is not JSON.
+        """
+        return cls.from_dict(read_json(json_file))
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__} {json.dumps(self.to_dict(), indent=2, sort_keys=True)}"
+        return f"{type(self).__name__} {self.to_json_string()}"
 
     def __eq__(self, other: object) -> bool:
         return type(self) is type(other) and self.to_dict() == other.to_dict()
@@ -314,7 +332,7 @@ class BaseImageProcessor:
         save_directory.mkdir(parents=True, exist_ok=True)
         path = save_directory / PROCESSOR_NAME
         with atomic_write(path, "w") as f:
-            f.write(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+            f.write(self.to_json_string())
         return path
 
     @classmethod

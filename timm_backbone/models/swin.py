@@ -602,6 +602,10 @@ class SwinBackbone(BackboneMixin, PreTrainedModel):
     def output_modules(self, index: int) -> list[nn.Module]:
         return [self.hidden_states_norms[self.stage_names[index]]]
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The patch embedding (transformers' ``SwinBackbone.get_input_embeddings()``)."""
+        return self.patch_embed
+
     def missing_ok(self) -> tuple[str, ...]:
         """Norms of stages not selected are not in transformers' files (it builds the selected ones only)."""
         unselected = [name for name in self.stage_names if name not in self.out_features]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import re
 from typing import Any
 
 import torch
@@ -11,7 +12,7 @@ from timm.models._features import FeatureDictNet, FeatureGetterNet, _module_list
 from torch import nn
 
 from ..auto import ModelFamily, register_family
-from ..backbone import BackboneMixin
+from ..backbone import BackboneMixin, BackboneType
 from ..configuration import MAX_DEPTH, MAX_WIDTH, BackboneConfigMixin, PretrainedConfig, check_int
 from ..hub import Source, check_timm_name, resolve_source
 from ..modeling import LoadReport, PreTrainedModel, check_weight_dtypes
@@ -121,9 +122,11 @@ class TimmBackboneConfig(BackboneConfigMixin, PretrainedConfig):
         feature_pyramid_channels: Width of the pyramid's levels; the taps' width by default.
         output_prefix_tokens: Also return the class/register tokens of each selected tap in
             ``BackboneOutput.prefix_tokens`` (token models with ``forward_intermediates``).
-        **kwargs: Keyword arguments that are not config fields are added to ``model_args``; the fine-tuning fields
-            ``frozen_stages`` and ``norm_eval`` (see :class:`~timm_backbone.configuration.BackboneConfigMixin`) stay
-            on the config.
+        **kwargs: Other fields, kept as attributes and saved (``image_size``...), as in transformers; the
+            fine-tuning fields ``frozen_stages`` and ``norm_eval`` among them (see
+            :class:`~timm_backbone.configuration.BackboneConfigMixin`). A keyword that the timm constructor of
+            ``backbone`` takes (asked of timm with a build on the meta device) is moved to ``model_args`` instead, so
+            ``TimmBackboneConfig("resnet18", drop_path_rate=0.1)`` reaches timm.
     """
 
     model_type = "timm_backbone"
@@ -149,9 +152,9 @@ class TimmBackboneConfig(BackboneConfigMixin, PretrainedConfig):
             raise TypeError(f"backbone must be a timm model name (str), got {type(backbone).__name__}")
         _check_pyramid_fields(feature_pyramid, feature_pyramid_channels)
         model_args = dict(model_args or {})
-        for key in list(kwargs):
-            if key not in _CONFIG_KEYS and not key.startswith("_"):
-                model_args[key] = kwargs.pop(key)
+        candidates = {k: v for k, v in kwargs.items() if k not in _CONFIG_KEYS and not k.startswith("_")}
+        for key in _timm_create_keys(backbone, candidates):
+            model_args[key] = kwargs.pop(key)
         super().__init__(**kwargs)
         self.backbone = backbone
         self.num_channels = num_channels
@@ -217,6 +220,36 @@ class TimmBackboneConfig(BackboneConfigMixin, PretrainedConfig):
         for key, value in extra.items():
             setattr(config, key, value)
         return config
+
+
+_UNEXPECTED_KEYWORD = re.compile(r"unexpected keyword argument '(\w+)'")
+
+
+def _timm_create_keys(backbone: str | None, candidates: dict[str, Any]) -> list[str]:
+    """The keys of ``candidates`` that ``timm.create_model(backbone, ...)`` takes, asked of timm by building the model
+    on the meta device and dropping each keyword it reports as unexpected. Nothing is taken when timm cannot be asked
+    (no backbone yet, or a name timm does not know): the keys stay config attributes."""
+    if not candidates or not backbone or backbone.startswith("hf-hub:"):
+        return []
+    import timm
+
+    if not timm.is_model(backbone.split(".")[0]):
+        return []
+    taken = dict(candidates)
+    while taken:
+        try:
+            with torch.device("meta"):
+                timm.create_model(backbone.split(".")[0], pretrained=False, **taken)
+        except TypeError as err:
+            match = _UNEXPECTED_KEYWORD.search(str(err))
+            if match is None or match.group(1) not in taken:
+                break  # a key timm takes with a value it rejects: building the model reports it
+            del taken[match.group(1)]
+            continue
+        except (ValueError, AssertionError, RuntimeError, NotImplementedError):
+            break  # accepted keywords with values timm rejects, or a model the meta device cannot build
+        break
+    return list(taken)
 
 
 _INIT_KEYS = {
@@ -301,12 +334,26 @@ def _stage_info(arch: str, kwargs: dict[str, Any], features_only: bool) -> list[
     return [dict(d) for d in info]
 
 
-def _input_size_rule(model: nn.Module) -> tuple[str, tuple[int, int]] | None:
+def _stage_names(info: list[dict[str, Any]]) -> list[str]:
+    """Unique stage names from timm's ``feature_info`` module names: a name that several stages share (the branches
+    of coat and crossvit) or an empty one (tresnet's first stage) gets ``:<feature index>`` appended."""
+    modules = [d["module"] for d in info]
+    return [
+        f"{module or 'feature'}:{i}" if not module or modules.count(module) > 1 else module
+        for i, module in enumerate(modules)
+    ]
+
+
+def _input_size_rule(model: nn.Module, num_channels: int) -> tuple[str, tuple[int, int]] | None:
     """What timm's input patch embedding asserts about the image size: ``("fixed", img_size)`` for a strict size,
-    ``("multiple", patch_size)`` when sizes must divide into patches, ``None`` when any size runs."""
+    ``("multiple", patch_size)`` when sizes must divide into patches, ``None`` when any size runs. Only a patch
+    embedding that takes the image itself counts (visformer's inner ones see a stem's output, not the image)."""
     for module in model.modules():
         img_size = getattr(module, "img_size", None)
         if img_size is None or not hasattr(module, "strict_img_size"):
+            continue
+        proj = getattr(module, "proj", None)
+        if getattr(proj, "in_channels", num_channels) != num_channels:
             continue
         if module.strict_img_size:
             return "fixed", tuple(img_size)
@@ -363,6 +410,7 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
     checkpoint_prefixes = ("_backbone.",)
     # earlier files held the ViT's weights twice, also under `_getter.` (now a property, not a submodule)
     ignore_unexpected = (r"^_getter\.",)
+    backbone_type = BackboneType.TIMM
 
     def __init__(self, config: TimmBackboneConfig, *, timm_state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Build the backbone with random weights, or around ``timm_state_dict`` (a timm-format checkpoint, adapted
@@ -370,7 +418,13 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
         super().__init__(config)
         arch, create_kwargs = _create_args(config)
         info = _stage_info(arch, create_kwargs, config.features_only)
-        stage_names = [d["module"] for d in info]
+        if config.features_only and any(not d["module"] for d in info):
+            # timm's FeatureListNet taps stages by module name and cannot tap an unnamed one (tresnet's first
+            # stage): read the stages through the model's forward_intermediates instead
+            create_kwargs["feature_cls"] = "getter"
+        stage_names = _stage_names(info)
+        if config.stage_names == [d["module"] for d in info]:
+            config.stage_names = stage_names  # saved with timm's raw names (transformers writes those)
         if config.stage_names is not None and config.stage_names != stage_names:
             raise ValueError(
                 f"config.stage_names {config.stage_names} do not match the stages of timm model {arch!r} "
@@ -383,23 +437,30 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
             config.set_output_features_output_indices(config.out_features, config.out_indices)
         # timm builds stages up to the deepest selected one only (its feature nets prune the rest): those are held
         held = max(config.out_indices) + 1
+        # the recipe of the meta-device copy that supported_input_sizes runs (without the weights)
+        self._timm_args = (arch, dict(create_kwargs), tuple(range(held)))
         if timm_state_dict is not None:
             overlay = {"state_dict": timm_state_dict, "source": "", "hf_hub_id": None, "url": None, "file": None}
             create_kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
         self._backbone = _feature_net(arch, create_kwargs, config.features_only, tuple(range(held)))
+        self._probe: list[nn.Module] = []  # the meta-device copy, built on first use (a list: not a submodule)
+        self._runs: dict[tuple[int, int], bool] = {}
         if config.freeze_batch_norm_2d:
             from timm.layers import freeze_batch_norm_2d
 
             self._backbone = freeze_batch_norm_2d(self._backbone)
         self._nhwc = str(getattr(self._backbone, "output_fmt", "NCHW")).endswith("NHWC")
-        self._size_rule = _input_size_rule(self._backbone)
+        self._size_rule = _input_size_rule(self._backbone, config.num_channels)
         if config.output_prefix_tokens and not _takes_prefix_tokens(self._getter):
             raise ValueError(
                 f"output_prefix_tokens=True needs a token model whose forward_intermediates returns prefix tokens "
                 f"(ViT, DeiT, EVA...); timm model {arch!r} has none; build it with output_prefix_tokens=False"
             )
         self.neck = _pyramid(config, arch, info)
-        self.init_stages(stage_names, [d["num_chs"] for d in info], [d["reduction"] for d in info], held)
+        strides = [d["reduction"] for d in info]
+        if create_kwargs.get("feature_cls") == "getter" and config.features_only:
+            strides = self._measured_strides(strides)
+        self.init_stages(stage_names, [d["num_chs"] for d in info], strides, held)
 
     @property
     def _getter(self) -> nn.Module | None:
@@ -438,9 +499,19 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
                 if isinstance(features, dict):
                     features = list(features.values())
                 by_stage = dict(enumerate(features))
-        except AssertionError as err:  # timm checks input sizes with asserts
+        except (AssertionError, RuntimeError, ValueError, IndexError) as err:
+            # timm checks some sizes with asserts (often without a message); others fail deep inside the model. A
+            # shape that fails on the meta device too is a size the model cannot run: say which sizes do
+            if self._runs_at(tuple(pixel_values.shape[-2:])):
+                raise
+            reason = str(err).strip() or f"{type(err).__name__} without a message"
+            largest = 2 * max(self._default_input_size(), *pixel_values.shape[-2:])
+            found = self.supported_input_sizes(limit=1, largest=largest)
+            runs = f"it runs {found[0]}x{found[0]}" if found else f"no square size up to {largest} runs"
             raise ValueError(
-                f"timm model {self.config.backbone!r} rejected pixel_values of shape {tuple(pixel_values.shape)}: {err}"
+                f"timm model {self.config.backbone!r} cannot run pixel_values of shape {tuple(pixel_values.shape)} "
+                f"({reason}); {runs} (model.supported_input_sizes() lists the square sizes that run); resize or pad "
+                f"the input"
             ) from err
         if self._nhwc:
             by_stage = {i: f.permute(0, 3, 1, 2) for i, f in by_stage.items()}
@@ -631,6 +702,73 @@ class TimmBackbone(BackboneMixin, PreTrainedModel):
         weights = {id(p) for n, p in self.named_parameters() if self.timm_parameter_names().get(n) in first}
         # every name of those weights: forward_intermediates models are also registered as ``_getter``
         return tuple(n for n, p in self.named_parameters(remove_duplicate=False) if id(p) in weights)
+
+    def _measured_strides(self, reported: list[int]) -> list[int]:
+        """``reported`` (timm's ``feature_info``) with each stage held checked against the output sizes of a meta-device
+        run at timm's default input size; a stride that does not match is replaced by the measured one (tresnet's
+        first stage is reported at stride 2 but comes after a 4x space-to-depth)."""
+        size = self._default_input_size() or 224
+        if not self._runs_at((size, size)):
+            return reported
+        with torch.no_grad():
+            maps = self._probe[0](torch.empty(1, self.config.num_channels, size, size, device="meta"))
+        maps = list(maps.values()) if isinstance(maps, dict) else list(maps)
+        strides = list(reported)
+        for i, f in enumerate(maps):
+            side = f.shape[1] if self._nhwc else f.shape[-2]
+            if side and side not in (size // reported[i], -(-size // reported[i])):
+                strides[i] = round(size / side)
+        return strides
+
+    def _default_input_size(self) -> int:
+        cfg = getattr(self._backbone, "pretrained_cfg", None) or getattr(self._getter, "pretrained_cfg", None) or {}
+        return int(dict(cfg).get("input_size", (0, 0, 0))[-1])
+
+    def supported_input_sizes(self, limit: int = 3, largest: int = 1024) -> list[int]:
+        """Square input sizes (height = width) that the model runs, smallest first, found by running a copy on the meta
+        device (no memory, no compute) at multiples of the deepest selected stride, from :attr:`min_input_size` up to
+        ``largest``, and at timm's default input size. Some timm models hold size limits inside (levit, volo,
+        coatnet...) that the stride rule does not show; this tells the truth for them.
+
+        Args:
+            limit: Return at most this many sizes.
+            largest: Largest size tried.
+        """
+        step = max(self.min_input_size, 1)
+        default = self._default_input_size()
+        # timm's default size first: the one size every model runs (many limited models run only that one)
+        candidates = [default] if default else []
+        candidates += [size for size in range(step, largest + 1, step) if size != default]
+        if self._size_rule is not None and self._size_rule[0] == "fixed":
+            candidates = [self._size_rule[1][0]] if self._size_rule[1][0] == self._size_rule[1][1] else []
+        found = []
+        for size in candidates:
+            if size >= self.min_input_size and self._runs_at((size, size)):
+                found.append(size)
+                if len(found) == limit:
+                    break
+        return sorted(found)
+
+    def _runs_at(self, size: tuple[int, int]) -> bool:
+        """Whether the meta-device copy of the model runs an input of ``size`` (height, width); remembered."""
+        if size in self._runs:
+            return self._runs[size]
+        if not self._probe:
+            arch, kwargs, indices = self._timm_args
+            with torch.device("meta"):
+                self._probe.append(_feature_net(arch, kwargs, self.config.features_only, indices).eval())
+        x = torch.empty(1, self.config.num_channels, *size, device="meta")
+        try:
+            with torch.no_grad():
+                if self._getter is not None and not self.config.features_only:
+                    self._probe[0].forward_intermediates(x, intermediates_only=True)
+                else:
+                    self._probe[0](x)
+        except (AssertionError, RuntimeError, ValueError, IndexError, TypeError, NotImplementedError):
+            self._runs[size] = False
+            return False
+        self._runs[size] = True
+        return True
 
     # loading ------------------------------------------------------------------------------------------------------
     @classmethod

@@ -1,6 +1,6 @@
 """MaskFormer over any backbone of this package."""
 
-from .configuration import MaskFormerConfig
+from .configuration import DetrConfig, MaskFormerConfig
 from .image_processing import MaskFormerImageProcessor
 from .modeling import (
     MaskFormerForInstanceSegmentation,
@@ -10,6 +10,7 @@ from .modeling import (
 )
 
 __all__ = [
+    "DetrConfig",
     "MaskFormerConfig",
     "MaskFormerForInstanceSegmentation",
     "MaskFormerForInstanceSegmentationOutput",

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any
+from typing import Any, ClassVar
 
-from ...auto import register
+from ...auto import AutoConfig, register
 from ...configuration import MAX_DEPTH, PretrainedConfig, check_int
 
 # transformers' DETR defaults (the ``decoder_config`` of every MaskFormer checkpoint); MaskFormer reads d_model,
@@ -47,6 +47,42 @@ DETR_DEFAULTS: dict[str, Any] = {
     "eos_coefficient": 0.1,
 }
 
+
+class DetrConfig(PretrainedConfig):
+    """MaskFormer's ``decoder_config``: transformers' ``DetrConfig`` fields (defaults in :data:`DETR_DEFAULTS`), read
+    as attributes (``config.decoder_config.decoder_layers``) or, as before, as a dict (``decoder_config["d_model"]``,
+    ``"d_model" in decoder_config``, ``decoder_config.get(...)``). Unknown keys are kept; the JSON is the same.
+    """
+
+    model_type = "detr"
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.pop("model_type", None)
+        super().__init__(**{k: copy.deepcopy(v) for k, v in {**DETR_DEFAULTS, **kwargs}.items() if k != "model_type"})
+
+    def __getitem__(self, key: str) -> Any:
+        if key == "model_type":
+            return self.model_type
+        if not isinstance(key, str) or key.startswith("_") or not hasattr(self, key):
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        setattr(self, key, value)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key in self.to_dict()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+    def keys(self) -> list[str]:
+        return list(self.to_dict())
+
+    def items(self) -> list[tuple[str, Any]]:
+        return list(self.to_dict().items())
+
+
 # transformers' default backbone: Swin-B at 384 (facebook/maskformer-swin-base-ade)
 DEFAULT_BACKBONE: dict[str, Any] = {
     "model_type": "swin",
@@ -77,7 +113,6 @@ def resolve_backbone_config(
             known ``model_type``.
         TypeError: ``backbone_config`` is neither a config nor a dict.
     """
-    from ...auto import AutoConfig
     from ..timm_backbone import TimmBackboneConfig
 
     if backbone_config is not None and backbone is not None:
@@ -117,7 +152,7 @@ class MaskFormerConfig(PretrainedConfig):
         backbone_config: The backbone: a config of this package (``SwinConfig``, ``ResNetConfig``,
             ``TimmBackboneConfig``...) or a dict with ``model_type``. Left at its default output selection (only the
             last stage), MaskFormer asks for the multi-scale stages its pixel decoder needs when the model is built.
-        decoder_config: The DETR decoder settings as transformers' ``DetrConfig`` dict: ``d_model`` (256),
+        decoder_config: The DETR decoder settings, a :class:`DetrConfig` or its dict: ``d_model`` (256),
             ``num_queries`` (100), ``decoder_layers`` (6), ``decoder_attention_heads`` (8), ``decoder_ffn_dim`` (2048),
             ``dropout`` (0.1), ``attention_dropout``, ``activation_dropout``, ``activation_function``. Missing keys
             take these defaults.
@@ -142,6 +177,7 @@ class MaskFormerConfig(PretrainedConfig):
     """
 
     model_type = "maskformer"
+    sub_configs: ClassVar[dict[str, type]] = {"backbone_config": AutoConfig, "decoder_config": DetrConfig}
 
     def __init__(
         self,
@@ -172,14 +208,14 @@ class MaskFormerConfig(PretrainedConfig):
         self.backbone_config = resolve_backbone_config(backbone_config, backbone, use_timm_backbone, backbone_kwargs)
         if decoder_config is not None and not isinstance(decoder_config, dict):
             if not hasattr(decoder_config, "to_dict"):
-                raise TypeError(f"decoder_config must be a dict, got {type(decoder_config).__name__}")
+                raise TypeError(f"decoder_config must be a DetrConfig or a dict, got {type(decoder_config).__name__}")
             decoder_config = decoder_config.to_dict()
         decoder_config = copy.deepcopy(decoder_config or {})
         if num_queries is not None:
             decoder_config.setdefault("num_queries", num_queries)
-        decoder_config = {**DETR_DEFAULTS, **decoder_config}
         if decoder_config.get("model_type", "detr") != "detr":
             raise ValueError(f"decoder_config model_type must be 'detr', got {decoder_config['model_type']!r}")
+        decoder_config = {**DETR_DEFAULTS, **decoder_config}
         for key in ("d_model", "decoder_attention_heads", "decoder_ffn_dim", "num_queries"):
             check_int(f"decoder_config[{key!r}]", decoder_config[key])
         check_int("decoder_config['decoder_layers']", decoder_config["decoder_layers"], low=0, high=MAX_DEPTH)
@@ -195,7 +231,7 @@ class MaskFormerConfig(PretrainedConfig):
                 f"fpn_feature_size must be a multiple of 32 (the FPN normalises with GroupNorm(32)), got "
                 f"{fpn_feature_size}"
             )
-        self.decoder_config = decoder_config
+        self.decoder_config = DetrConfig(**decoder_config)
         self.fpn_feature_size = fpn_feature_size
         self.mask_feature_size = mask_feature_size
         self.no_object_weight = no_object_weight
@@ -211,6 +247,13 @@ class MaskFormerConfig(PretrainedConfig):
         self.use_timm_backbone = False
         self.use_pretrained_backbone = use_pretrained_backbone
         self.backbone_kwargs = None
+
+    @classmethod
+    def from_backbone_and_decoder_configs(
+        cls, backbone_config: PretrainedConfig, decoder_config: DetrConfig | dict[str, Any], **kwargs: Any
+    ) -> MaskFormerConfig:
+        """A config from a backbone config and a decoder config (transformers' constructor of the same name)."""
+        return cls(backbone_config=backbone_config, decoder_config=decoder_config, **kwargs)
 
     @property
     def hidden_size(self) -> int:
@@ -252,4 +295,5 @@ class MaskFormerConfig(PretrainedConfig):
         return dict(sorted(out.items()))
 
 
+register("detr", DetrConfig, exist_ok=True)
 register("maskformer", MaskFormerConfig, exist_ok=True)  # a task model: AutoBackbone gives its backbone

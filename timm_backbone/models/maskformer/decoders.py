@@ -205,6 +205,8 @@ class DetrDecoder(nn.Module):
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, tuple | None, tuple | None]:
         hidden = torch.zeros_like(query_pos)
+        if self.training:  # as transformers: the first hidden state is a leaf that takes gradients (retain_grad)
+            hidden.requires_grad_(True)
         memory_with_pos = memory + memory_pos  # the keys of every cross-attention
         states, attentions = [hidden], []
         for layer in self.layers:

@@ -177,8 +177,10 @@ def _compute_segments(
     return segmentation, segments
 
 
-def binary_mask_to_rle(mask: torch.Tensor) -> list[int]:
-    """COCO-style uncompressed run-length encoding of a binary ``(H, W)`` mask in row-major order."""
+def binary_mask_to_rle(mask: torch.Tensor | np.ndarray) -> list[int]:
+    """COCO-style uncompressed run-length encoding of a binary ``(H, W)`` mask (tensor or numpy) in row-major order."""
+    if isinstance(mask, np.ndarray):
+        mask = torch.from_numpy(mask)
     pixels = torch.cat([mask.new_zeros(1), mask.flatten(), mask.new_zeros(1)])
     runs = torch.where(pixels[1:] != pixels[:-1])[0] + 1
     runs[1::2] -= runs[::2].clone()
@@ -228,6 +230,17 @@ class MaskFormerImageProcessor(BaseImageProcessor):
         self.pad_size = pad_size
 
     @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **overrides: Any) -> MaskFormerImageProcessor:
+        """As the base; an override under a legacy name (``from_dict(d, size_divisibility=8)``) replaces the dict's
+        field, as transformers 4.x did."""
+        overrides = dict(overrides)
+        for old, new in _LEGACY_KEYS.items():
+            if old in overrides:
+                overrides[new] = overrides.pop(old)
+        config_dict = {k: v for k, v in config_dict.items() if _LEGACY_KEYS.get(k, k) not in overrides}
+        return super().from_dict(config_dict, **overrides)
+
+    @classmethod
     def _prepare_dict(cls, config_dict: dict[str, Any]) -> dict[str, Any]:
         """Legacy keys: ``size_divisibility``, ``reduce_labels``, and an int ``size`` without ``max_size``."""
         out = dict(config_dict)
@@ -275,6 +288,7 @@ class MaskFormerImageProcessor(BaseImageProcessor):
         Raises:
             ValueError: unknown keywords, or maps that do not pair up with the images.
         """
+        kwargs.pop("pad_and_return_pixel_mask", None)  # transformers 4.x: the batch is always padded and masked
         unknown = sorted(set(kwargs) - set(self.fields) - set(self.extra_fields()) - {"max_size"})
         if unknown:
             raise ValueError(
@@ -332,6 +346,15 @@ class MaskFormerImageProcessor(BaseImageProcessor):
         if class_logits is None or mask_logits is None:
             raise TypeError("outputs must carry class_queries_logits and masks_queries_logits (MaskFormer's outputs)")
         return class_logits, mask_logits
+
+    def post_process_segmentation(self, outputs: Any, target_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Per-class scores ``(B, num_labels, H, W)``: class probabilities (no-object dropped) times mask
+        probabilities, summed over queries; the masks resized to ``target_size`` first (transformers 4.x's
+        ``post_process_segmentation``; :meth:`post_process_semantic_segmentation` gives class maps)."""
+        class_logits, mask_logits = self._logits(outputs)
+        if target_size is not None:
+            mask_logits = F.interpolate(mask_logits, size=target_size, mode="bilinear", align_corners=False)
+        return torch.einsum("bqc,bqhw->bchw", class_logits.softmax(-1)[..., :-1], mask_logits.sigmoid())
 
     def post_process_semantic_segmentation(
         self,

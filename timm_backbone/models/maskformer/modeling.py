@@ -20,7 +20,7 @@ from torch import nn
 from ...auto import family_of
 from ...backbone import ModelOutput
 from ...modeling import LoadReport, PreTrainedModel, match_prefix
-from .configuration import MaskFormerConfig
+from .configuration import MaskFormerConfig, resolve_backbone_config
 from .decoders import MaskFormerPixelDecoder, MaskFormerTransformerModule, fused_mask_logits
 from .loss import MaskFormerHungarianMatcher, MaskFormerLoss, check_labels
 
@@ -85,6 +85,11 @@ class MaskFormerPixelLevelModule(nn.Module):
         super().__init__()
         from ...auto import AutoBackbone
 
+        if config.backbone_config is None:  # backbone fields set on the config after it was built (transformers' way)
+            config.backbone_config = resolve_backbone_config(
+                None, config.backbone, config.use_timm_backbone, config.backbone_kwargs
+            )
+            config.backbone, config.use_timm_backbone, config.backbone_kwargs = None, False, None
         select_multiscale_stages(config.backbone_config)
         if config.use_pretrained_backbone:
             # the backbone's weights from its source (the hub cache when offline); the pixel decoder stays random
