@@ -214,7 +214,8 @@ def test_json_string_diff_matches_transformers():
     theirs = json.loads(transformers.TimmBackboneConfig(**TIMM_KEYS).to_json_string(use_diff=True))
     theirs.pop("transformers_version")
     assert {k: ours[k] for k in theirs} == theirs
-    assert set(ours) - set(theirs) == {"model_args", "stage_names"}  # this package's own fields
+    own = {"model_args", "stage_names", "feature_pyramid", "feature_pyramid_channels", "output_prefix_tokens"}
+    assert set(ours) - set(theirs) == own  # this package's own fields
     full = json.loads(TimmBackboneConfig(**TIMM_KEYS).to_json_string(use_diff=False))
     assert full["id2label"] == {"0": "LABEL_0", "1": "LABEL_1"} and "id2label" not in ours
 
