@@ -1,4 +1,4 @@
-"""Long-running services (issue 8): one model shared by several threads, and memory over many input sizes.
+"""Long-running services: one model shared by several threads, and memory over many input sizes.
 
 Native Swin keeps per-geometry caches (attention masks, window indices) and native ResNet an inference plan; both are
 exercised from several threads at once with more geometries than the caches hold, so evictions race with lookups.

@@ -1,4 +1,4 @@
-"""Deployment paths (issue 8): torch.export, ONNX checked with onnxruntime, torch.compile and TorchScript tracing.
+"""Deployment paths: torch.export, ONNX checked with onnxruntime, torch.compile and TorchScript tracing.
 
 Each backbone family runs as a tiny random-initialised model; every exported or compiled program is compared with
 the eager model on a batch size other than the one it was traced with.

@@ -1,4 +1,4 @@
-"""Bad input fails clearly, hostile files run no code, and saves are atomic (issue 8).
+"""Bad input fails clearly, hostile files run no code, and saves are atomic.
 
 Every backbone family is covered through tiny random-initialised models (tests/tiny_backbones.py); each test asserts
 the exact error type and a fragment of its message, or the values of the defined behaviour.
