@@ -31,7 +31,6 @@ from timm_backbone.train import (
     build_optimizer,
     build_scheduler,
     freeze_backbone_stages,
-    load_pretrained_backbone,
     run,
 )
 
@@ -390,8 +389,9 @@ def test_pretrained_backbone_weights_reach_the_model(data, tmp_path, monkeypatch
     encoder = result.model.model.pixel_level_module.encoder.state_dict()
     for key, value in backbone.state_dict().items():
         torch.testing.assert_close(encoder[key], value, rtol=0, atol=0, msg=key)
+    missing = ["--backbone", str(tmp_path / "nope"), "--pretrained-backbone", *HEAD, *RUN]
     with pytest.raises(OSError, match="nope"):
-        load_pretrained_backbone(result.model, str(tmp_path / "nope"))
+        train(data["folder"], "folder", tmp_path / "run2", "--eval-only", base=missing)
 
 
 def test_frozen_stages_freeze_the_backbone(data, trained, tmp_path):

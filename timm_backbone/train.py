@@ -174,23 +174,6 @@ def build_processor(dataset: SegmentationDataset, image_size: int, backbone: str
     )
 
 
-def load_pretrained_backbone(model: MaskFormerForInstanceSegmentation, src: str) -> None:
-    """Load the pretrained weights of ``src`` (a timm name, folder or hub id) into ``model``'s backbone.
-
-    Raises:
-        OSError: ``src`` or its weights are not found (offline: not in the cache).
-        ValueError: the weights do not fit the model's backbone.
-    """
-    from .auto import AutoBackbone
-
-    encoder = model.model.pixel_level_module.encoder
-    pretrained = AutoBackbone.from_pretrained(src, out_indices=list(encoder.out_indices))
-    try:
-        encoder.load_state_dict(pretrained.state_dict())
-    except RuntimeError as err:
-        raise ValueError(f"the pretrained weights of {src!r} do not fit the model's backbone: {err}") from err
-
-
 def freeze_backbone_stages(model: MaskFormerForInstanceSegmentation, stages: int) -> None:
     """Freeze the backbone's first ``stages`` stages through its ``freeze_stages``.
 
@@ -370,9 +353,12 @@ def _prepare_model(
     torch.manual_seed(args.seed)
     if checkpoint is None:
         config = build_config(args, val_set)
-        model = MaskFormerForInstanceSegmentation(config)
         if args.pretrained_backbone:
-            load_pretrained_backbone(model, args.backbone)
+            # MaskFormer builds its backbone from this source's weights (the hub cache when offline); the head and
+            # pixel decoder stay random, and saved checkpoints hold the weights, so they never read the source again
+            config.backbone_config.name_or_path = args.backbone
+            config.use_pretrained_backbone = True
+        model = MaskFormerForInstanceSegmentation(config)
         return model, build_processor(val_set, args.image_size, args.backbone)
     if args.resume and (args.backbone is not None or args.config is not None):
         # the model built from the arguments (which fills in the backbone's stages) against the saved one
