@@ -84,11 +84,6 @@ def to_timm(state_dict: dict[str, torch.Tensor], family: str) -> dict[str, torch
 
 
 # configs ---------------------------------------------------------------------------------------------------------
-def native_fields_from_timm(family: str, architecture: str, model_args: dict[str, Any] | None = None) -> dict:
-    """Native config fields for a timm architecture and its ``model_args``."""
-    return get_family(family).native_fields(architecture, dict(model_args or {}))
-
-
 def timm_architecture(config: Any) -> tuple[str, dict[str, Any]]:
     """The timm architecture and ``model_args`` that build the model a native/transformers config describes.
 

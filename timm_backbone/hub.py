@@ -130,15 +130,6 @@ def _cached_snapshot(repo_id: str, revision: str | None, cache_dir: str | os.Pat
     return snapshot if snapshot.is_dir() else None
 
 
-def resolve_weights(src: str | os.PathLike, **hub_kwargs: Any) -> Path | None:
-    """The first weight file found, in order: safetensors, its shard index, ``pytorch_model.bin``, its index."""
-    for name in WEIGHT_FILE_NAMES:
-        path = resolve_file(src, name, **hub_kwargs)
-        if path is not None:
-            return path
-    return None
-
-
 # hub keyword arguments -------------------------------------------------------------------------------------------
 HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "subfolder")
 
@@ -199,9 +190,6 @@ def timm_weights_repo(name: str) -> str:
 
 
 # sources -----------------------------------------------------------------------------------------------------------
-SOURCE_KINDS = ("file", "folder", "hub", "timm")
-
-
 @dataclass
 class Source:
     """What a name passed to ``from_pretrained`` points to, found by :func:`resolve_source`.
