@@ -1,4 +1,5 @@
-"""Building blocks shared by the native models: MLP, window partitioning and frozen BatchNorm."""
+"""Building blocks shared by the native models: activations, the oneDNN fused linear (and its cached autocast
+weights), MLP, window partitioning and frozen BatchNorm."""
 
 from __future__ import annotations
 
@@ -68,11 +69,13 @@ def _mkldnn_linear_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype |
     return None
 
 
-def _version(t: torch.Tensor) -> int:
+def tensor_version(t: torch.Tensor) -> tuple[int, int]:
+    """``(data_ptr, version counter)``: changes when the tensor is replaced or modified in place, so caches derived
+    from weights (cast copies, folded inference weights) know when to rebuild."""
     try:
-        return t._version
+        return t.data_ptr(), t._version
     except RuntimeError:  # inference tensors keep no version counter (and cannot change in place outside it)
-        return -1
+        return t.data_ptr(), -1
 
 
 # layer -> (key, weight, bias) in the autocast dtype; kept beside the layer (not in it: copies and pickles of a model
@@ -87,7 +90,7 @@ def _autocast_weights(layer: nn.Linear, dtype: torch.dtype) -> tuple[torch.Tenso
     inference that is a pass over every weight per forward. The cached copy costs half the fp32 weight's memory.
     """
     weight, bias = layer.weight, layer.bias
-    key = (dtype, weight.data_ptr(), _version(weight), *((bias.data_ptr(), _version(bias)) if bias is not None else ()))
+    key = (dtype, *tensor_version(weight), *(tensor_version(bias) if bias is not None else ()))
     cached = _AUTOCAST_WEIGHTS.get(layer)
     if cached is None or cached[0] != key:
         with torch.inference_mode(False), torch.no_grad():  # usable later outside inference mode too

@@ -25,7 +25,7 @@ from ..auto import ModelFamily, register_family
 from ..backbone import BackboneMixin
 from ..configuration import MAX_DEPTH, NativeBackboneConfigMixin, PretrainedConfig, check_int, check_ints
 from ..hub import unwrap_state_dict
-from ..layers import freeze_batch_norm_2d, get_activation
+from ..layers import freeze_batch_norm_2d, get_activation, tensor_version
 from ..modeling import PreTrainedModel
 from . import resnet_convert
 from .resnet_convert import resnet_timm_to_transformers, resnet_transformers_to_timm
@@ -605,7 +605,7 @@ class ResNetBackbone(BackboneMixin, PreTrainedModel):
         """The plan for the parameters' dtype or, under CPU autocast, one folded once into the autocast dtype (so
         that no weight is cast per call, and the oneDNN kernels run in bf16 rather than ignore autocast)."""
         autocast = _autocast_dtype(self.embedder.embedder.convolution.weight)
-        signature = tuple(_tensor_version(t) for t in (*self.parameters(), *self.buffers()))
+        signature = tuple(tensor_version(t) for t in (*self.parameters(), *self.buffers()))
         plan = self._plan if autocast is None else getattr(self, "_autocast_plan", None)
         if plan is None or plan.signature != signature or (autocast is not None and plan.dtype != autocast):
             with torch.no_grad():
@@ -642,13 +642,6 @@ class ResNetBackbone(BackboneMixin, PreTrainedModel):
         if resnet_convert.is_timm_layout(state_dict):
             return resnet_timm_to_transformers(state_dict)
         return state_dict
-
-
-def _tensor_version(t: torch.Tensor) -> tuple[int, int]:
-    try:
-        return t.data_ptr(), t._version
-    except RuntimeError:  # inference tensors keep no version counter
-        return t.data_ptr(), -1
 
 
 # classifier key in timm's and transformers' layouts, transformers' task prefix, task class and base class
