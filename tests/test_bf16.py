@@ -123,6 +123,18 @@ def test_onednn_kernels_run_in_bf16(autocast):
     assert _kernels(resnet, x, autocast)["mkldnn::_convolution_pointwise"] == {"c10::BFloat16"}
 
 
+@needs_bf16_kernels
+def test_fused_convolutions_found_when_first_asked_under_autocast(monkeypatch):
+    """The check for oneDNN's fused convolutions runs in fp32 even when the first optimized forward of the process is
+    under bf16 autocast (it used to compare against a bf16 conv there, fail, and turn the fused kernels off)."""
+    from timm_backbone.models import resnet as resnet_module
+
+    monkeypatch.setattr(resnet_module, "_ONEDNN_CONV_FUSION", None)  # as in a fresh process
+    kernels = _kernels(backbone("resnet", optimized=True), torch.randn(1, 3, 64, 64), autocast=True)
+    assert kernels.get("mkldnn::_convolution_pointwise") == {"c10::BFloat16"}, sorted(kernels)
+    assert resnet_module.onednn_fusion_available()
+
+
 @pytest.mark.parametrize("act", ["none", "gelu"])
 def test_linear_under_autocast_follows_weight_changes(act):
     layer = nn.Linear(16, 24)

@@ -382,15 +382,18 @@ def onednn_fusion_available() -> bool:
     if _ONEDNN_CONV_FUSION is None:
         _ONEDNN_CONV_FUSION = False
         if torch.backends.mkldnn.is_available():
+            # in fp32 whatever the caller's autocast: under bf16 autocast the F.conv2d reference would run in bf16,
+            # miss the tolerance, and turn the fused kernels off for the rest of the process
             try:
-                x = torch.randn(1, 4, 5, 5).contiguous(memory_format=torch.channels_last)
-                w, b = torch.randn(4, 4, 3, 3), torch.randn(4)
-                packed = torch.ops.mkldnn._reorder_convolution_weight(w, [1, 1], [1, 1], [1, 1], 1, list(x.shape))
-                got = torch.ops.mkldnn._convolution_pointwise.binary(
-                    x, x, packed, b, [1, 1], [1, 1], [1, 1], 1, "add", 1.0, "relu", [], ""
-                )
-                want = torch.relu(nn.functional.conv2d(x, w, b, 1, 1) + x)
-                _ONEDNN_CONV_FUSION = torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+                with torch.autocast("cpu", enabled=False):
+                    x = torch.randn(1, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+                    w, b = torch.randn(4, 4, 3, 3), torch.randn(4)
+                    packed = torch.ops.mkldnn._reorder_convolution_weight(w, [1, 1], [1, 1], [1, 1], 1, list(x.shape))
+                    got = torch.ops.mkldnn._convolution_pointwise.binary(
+                        x, x, packed, b, [1, 1], [1, 1], [1, 1], 1, "add", 1.0, "relu", [], ""
+                    )
+                    want = torch.relu(nn.functional.conv2d(x, w, b, 1, 1) + x)
+                    _ONEDNN_CONV_FUSION = torch.allclose(got, want, atol=1e-4, rtol=1e-4)
             except (RuntimeError, AttributeError, TypeError):
                 pass
     return _ONEDNN_CONV_FUSION
