@@ -110,7 +110,8 @@ def contenders(model: str, precision: Precision, size: int, folder: str) -> dict
     if model == "swin-t":
         args = argparse.Namespace(size=size, compile=False)
         built = bench_swin.build(args, precision)
-        names = {"native": "native", "transformers": "transformers SwinBackbone", "timm": "timm features_only"}
+        names = {"native": "native", "native_inference": "native optimized",
+                 "transformers": "transformers SwinBackbone", "timm": "timm features_only"}  # fmt: skip
         return {short: (built[long], built[long]) for short, long in names.items()}
     if model.startswith("maskformer-"):
         built = bench_maskformer.build(model.removeprefix("maskformer-"), precision)

@@ -60,6 +60,7 @@ def maskformer(kind: str) -> MaskFormerForInstanceSegmentation:
 
 CASES = {
     "swin": lambda: backbone("swin"),
+    "swin-optimized": lambda: backbone("swin", optimized=True),
     "resnet": lambda: backbone("resnet"),
     "resnet-optimized": lambda: backbone("resnet", optimized=True),
     "maskformer-swin": lambda: maskformer("swin"),
@@ -85,12 +86,12 @@ def test_bf16_outputs_match_fp32(name, autocast):
         assert_bf16_close(a, e)
 
 
-@pytest.mark.parametrize("name", ["swin", "resnet-optimized"])
+@pytest.mark.parametrize("name", ["swin", "swin-optimized", "resnet-optimized"])
 def test_fast_path_agrees_with_reference_path_in_bf16(name):
     model = CASES[name]().to(BF16)
     x = torch.randn(2, 3, 64, 64, dtype=BF16)
     fast = run(model, x)
-    if name == "swin":
+    if name.startswith("swin"):
         model.set_fast_path(False)
     else:
         model.optimize_for_inference(False)

@@ -411,3 +411,51 @@ def test_window_partition_round_trip(window):
     assert windows.shape == (2, (6 // window[0]) * (4 // window[1]), window[0] * window[1], 5)
     torch.testing.assert_close(windows[0, 1], x[0, : window[0], window[1] : 2 * window[1]].reshape(-1, 5))
     torch.testing.assert_close(window_reverse(windows, window, 6, 4), x)
+
+
+def test_optimize_for_inference_packs_linears_with_the_same_numbers(tmp_path):
+    import copy
+    import pickle
+
+    from timm_backbone import layers
+
+    model = SwinBackbone(SwinConfig(**TINY, out_indices=(1, 2, 3))).eval()
+    _randomise(model)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    x = torch.randn(2, 3, 45, 61)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.inference_mode():
+        plain = model(x).feature_maps
+        packed = model.optimize_for_inference()(x).feature_maps
+        for a, e in zip(packed, plain):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+        if torch.backends.mkldnn.is_available():
+            # every linear (attention, MLP, patch merging) read a oneDNN-packed copy; the parameters are untouched
+            assert set(layers._PACKED_WEIGHTS) == set(linears)
+            assert {entry[1].layout for entry in layers._PACKED_WEIGHTS.values()} == {torch._mkldnn}
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        # other input sizes run on the same packing
+        other = torch.randn(1, 3, 32, 40)
+        expected = copy.deepcopy(model).optimize_for_inference(False)(other).feature_maps
+        for a, e in zip(model(other).feature_maps, expected):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+        # new weights are packed again on the next call
+        _randomise(model, std=0.2)
+        fresh = SwinBackbone(model.config).eval()
+        fresh.load_state_dict(model.state_dict())
+        expected = fresh(x).feature_maps
+        for a, e in zip(model(x).feature_maps, expected):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+        # copies and pickles carry no packed tensors, and pack their own
+        for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            for a, e in zip(clone(x).feature_maps, expected):
+                torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+            if torch.backends.mkldnn.is_available():
+                clone_linears = {m for m in clone.modules() if isinstance(m, torch.nn.Linear)}
+                assert clone_linears <= set(layers._PACKED_WEIGHTS)
+        model.optimize_for_inference(False)
+        assert not set(layers._PACKED_WEIGHTS) & set(linears)
+    # with autograd on the parameters are used as they are and get gradients
+    model.optimize_for_inference()
+    model(x).feature_maps[-1].sum().backward()
+    assert model.layers[2].blocks[0].attn.qkv.weight.grad is not None

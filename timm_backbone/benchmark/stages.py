@@ -75,8 +75,8 @@ class BenchSettings:
         stages: Native stage indices to run; ``None`` runs every stage.
         transformers: Include transformers' backbones when the package is installed.
         memory: Measure peak memory (one extra profiled call per contender and stage).
-        native_optimized: Also time the native ResNet after ``optimize_for_inference()`` (BatchNorm folded into the
-            convolutions) as ``native_opt``; Swin has no such switch.
+        native_optimized: Also time the native backbones after ``optimize_for_inference()`` as ``native_opt``
+            (ResNet: BatchNorm folded into fused convolutions; Swin: pre-packed linear weights).
         seed: Seed of the random weights and input.
     """
 
@@ -383,7 +383,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--native-optimized",
         action="store_true",
-        help="also time the native ResNet after optimize_for_inference() (BatchNorm folded) as 'native_opt'",
+        help="also time the native backbones after optimize_for_inference() as 'native_opt'",
     )
     parser.add_argument("--output", default="stage_bench", help="folder for the JSON, markdown and PNG")
 

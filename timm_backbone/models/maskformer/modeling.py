@@ -106,7 +106,8 @@ class MaskFormerPixelLevelModule(nn.Module):
         self.decoder_channels_per_group = config.fpn_feature_size // 32
         if hasattr(self.encoder, "optimize_for_inference"):
             # the backbone's own inference path (same numbers, eval without autograd only) is on by default here:
-            # its maps are consumed by the FPN, so their memory format never reaches the user's code
+            # its maps are consumed by the FPN, so their memory format never reaches the user's code (ResNet), and a
+            # packed copy of the linear weights is the price of a faster forward (Swin)
             self.encoder.optimize_for_inference(True).train(self.training)
 
     def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
@@ -442,8 +443,8 @@ class MaskFormerForInstanceSegmentation(_MaskFormerWeights, PreTrainedModel):
     def optimize_for_inference(self, enabled: bool = True) -> MaskFormerForInstanceSegmentation:
         """Switch the eval-mode forward without autograd to a faster path with the same logits (to float rounding):
         the mask projection folded into the query embeddings (:func:`fused_mask_logits`), and the backbone's own
-        inference path when it has one (ResNet: BatchNorm folded into fused oneDNN convolutions; MaskFormer turns
-        that one on when it is built).
+        inference path when it has one (ResNet: BatchNorm folded into fused oneDNN convolutions; Swin: linear weights
+        pre-packed for oneDNN; MaskFormer turns that one on when it is built).
 
         The parameters are not changed; training and gradients use the plain path, and
         ``optimize_for_inference(False)`` turns it off. On the fast path ``pixel_decoder_last_hidden_state`` is not
