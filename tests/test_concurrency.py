@@ -17,14 +17,17 @@ import torch
 from tiny_backbones import build
 from torch import nn
 
+from timm_backbone import layers
+
 SELECTIONS = {"timm-list": (1, 2, 3, 4), "timm-getter": (1, 3, 5), "swin": (1, 2, 3, 4), "resnet": (1, 2, 3, 4)}
 # (batch, height, width): multiples of 16 (timm ViT's patch) from 32 up, square and not; more than Swin's cache holds
 GEOMETRIES = [(1 + i % 2, 32 + 16 * (i % 5), 32 + 16 * (i // 5)) for i in range(10)]
 
 
 def _model(name: str) -> nn.Module:
-    if name == "resnet-optimized":  # the fused inference path and its cached plan
-        return build("resnet", out_indices=SELECTIONS["resnet"]).optimize_for_inference()
+    if name.endswith("-optimized"):  # ResNet's fused inference path and its plan; Swin's packed linear weights
+        family = name.removesuffix("-optimized")
+        return build(family, out_indices=SELECTIONS[family]).optimize_for_inference()
     return build(name, out_indices=SELECTIONS[name])
 
 
@@ -35,9 +38,11 @@ def _clear_caches(model: nn.Module) -> None:
             cache.clear()
     if hasattr(model, "_plan"):
         model._plan = None
+    for module in model.modules():
+        layers._PACKED_WEIGHTS.pop(module, None)
 
 
-@pytest.mark.parametrize("name", [*SELECTIONS, "resnet-optimized"])
+@pytest.mark.parametrize("name", [*SELECTIONS, "resnet-optimized", "swin-optimized"])
 def test_concurrent_forwards_match_serial(name):
     model = _model(name)
     generator = torch.Generator().manual_seed(0)
