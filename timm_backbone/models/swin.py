@@ -658,8 +658,8 @@ class SwinBackbone(BackboneMixin, PreTrainedModel):
 
     def optimize_for_inference(self, enabled: bool = True) -> SwinBackbone:
         """Let the linear layers of CPU inference (eval, autograd off, fp32 or bf16, also under autocast) read weights
-        pre-packed for oneDNN instead of having them reordered on every call: the same numbers; for Swin-T 0-3% less
-        time in fp32 and about 7% in bf16 (``benchmarks/bench_swin.py``); one more copy of the linear weights in
+        pre-packed for oneDNN instead of having them reordered on every call: the same numbers; for Swin-T about 4% less
+        time in fp32 and 7% in bf16 (``benchmarks/bench_swin.py``); one more copy of the linear weights in
         memory. The parameters are not changed; training and gradients use them as before; the packed copies follow
         weight changes, and ``optimize_for_inference(False)`` drops them. MaskFormer turns this on for its backbone.
 
