@@ -188,6 +188,14 @@ def test_machine_info_records_matrix_unit_flags(tmp_path):
     assert set(info["cpu_flags"]) == set(benchmark.CPU_FLAGS) and isinstance(info["onednn_bf16"], bool)
 
 
+def test_machine_info_records_the_allocator_settings(monkeypatch):
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "17179869184")
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.setenv("MALLOCX", "not an allocator setting")
+    env = benchmark.machine_info("cpu")["allocator_env"]
+    assert env.get("MALLOC_TRIM_THRESHOLD_") == "17179869184" and "LD_PRELOAD" not in env and "MALLOCX" not in env
+
+
 def test_precision_runs_calls_under_autocast_and_rejects_fp32_autocast():
     layer = torch.nn.Linear(4, 4)
     x = torch.randn(2, 4)

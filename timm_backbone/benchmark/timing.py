@@ -58,6 +58,8 @@ def machine_info(device: str) -> dict[str, Any]:
         "transformers": transformers_version(),
         "device": device,
         "load_average": load_average(),
+        # glibc's malloc settings and a preloaded allocator change every contender's time (page faults per forward)
+        "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"},
     }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
