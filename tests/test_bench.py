@@ -63,6 +63,14 @@ def test_report_structure(report):
             for name, ms in stage["latency_ms"].items():
                 assert ms > 0 and stage["peak_mib"][name] > 0
                 assert stage["throughput"][name] == pytest.approx(BATCH / (ms / 1e3), rel=1e-2)
+            # GFLOP/s from one FLOP count (timm's forward of the same stages) over each contender's time
+            assert stage["matmul_gflops"] > 0
+            if stage["timm_stage"] is None:
+                assert stage["gflops"] is None
+            else:
+                work = {name: stage["gflops"][name] * stage["latency_ms"][name] for name in stage["latency_ms"]}
+                assert set(work) == contenders and min(work.values()) > 0
+                assert max(work.values()) == pytest.approx(min(work.values()), rel=2e-2)
     swin_stem, resnet_stem = report["runs"][0]["stages"][0], report["runs"][1]["stages"][0]
     assert set(swin_stem["latency_ms"]) == {"native", "transformers"} and swin_stem["timm_stage"] is None
     assert resnet_stem["timm_stage"] == "act1" and report["runs"][1]["stages"][4]["timm_stage"] == "layer4"
@@ -87,6 +95,7 @@ def test_markdown_chart_and_files(report, tmp_path):
     del report["_progress"]
     text = markdown_report(report)
     assert "| stage | shape | latency ms (timm / native / transformers) |" in text
+    assert "| native GFLOP/s (% of matmul) |" in text and text.startswith("Machine: ")
     assert "| 0 stem | 16x16x16 | – / " in text  # timm has no Swin stem output
     assert text.count("| 4 stage4 |") == 2
     summary = [line for line in text.splitlines() if line.startswith("| swin_tiny_test | fp32 | 2 | eager |")]

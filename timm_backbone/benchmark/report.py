@@ -37,12 +37,20 @@ def summary_markdown(runs: Sequence[dict], contenders: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def _gflops_cell(stage: dict) -> str:
+    gflops = (stage.get("gflops") or {}).get("native")
+    if gflops is None:
+        return "–"
+    return f"{gflops:.1f} ({gflops / stage['matmul_gflops']:.0%})"
+
+
 def markdown_report(report: dict) -> str:
     """The report as markdown: the machine line, a summary, then one table per run."""
     m = report["machine"]
     contenders = report["settings"]["contenders"]
     lines = [
-        f"Machine: {m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads, {m['device']}); "
+        f"Machine: {m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads, {m['device']}; "
+        f"{', '.join(f for f, on in m.get('cpu_flags', {}).items() if on) or 'no AVX-512/AMX flags'}); "
         f"torch {m['torch']}, timm {m['timm']}, transformers {m['transformers'] or 'not installed'}; "
         f"median of {report['settings']['repeats']} interleaved repeats.",
         "",
@@ -57,9 +65,9 @@ def markdown_report(report: dict) -> str:
         lines.append("")
         lines.append(
             f"| stage | shape | latency ms ({order}) | native speed-up vs timm | images/s ({order}) | "
-            f"peak MiB ({order}) | max abs diff native vs timm | vs transformers |"
+            f"peak MiB ({order}) | max abs diff native vs timm | vs transformers | native GFLOP/s (% of matmul) |"
         )
-        lines.append("|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
         for s in run["stages"]:
             lat = s["latency_ms"]
             ratio = f"{lat['timm'] / lat['native']:.2f}x" if "timm" in lat else "–"
@@ -69,7 +77,7 @@ def markdown_report(report: dict) -> str:
             lines.append(
                 f"| {s['index']} {s['name']} | {shape} | {_cell(lat, contenders, '.2f')} | {ratio} | "
                 f"{_cell(s['throughput'], contenders, '.1f')} | {_cell(s['peak_mib'], contenders, '.1f')} | "
-                f"{diff_cells[0]} | {diff_cells[1]} |"
+                f"{diff_cells[0]} | {diff_cells[1]} | {_gflops_cell(s)} |"
             )
         lines.append("")
     notes = {run["family"]: run["comparison"] for run in report["runs"]}

@@ -4,7 +4,9 @@ For every model the timm backbone, the native backbone and (when installed) tran
 random weights: a timm checkpoint is drawn once, converted to transformers' layout with the model family's key
 mapping, and saved to a temporary folder that the native and the transformers backbones load. For stage ``k`` each
 contender is built with ``out_indices=[k]``, so its latency is the cumulative cost of stages ``0..k``. The
-contenders run interleaved (the order rotates each repeat) in one process and the medians are reported.
+contenders run interleaved (the order rotates each repeat) in one process and the medians are reported, with a
+square matmul of the run's dtype in the same loop: each contender's GFLOP/s (FLOPs counted on timm's forward of the
+same stages) is reported as a share of the matmul's.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ import torch
 
 from ..auto import FAMILIES, get_family
 from .report import markdown_report, write_outputs
-from .timing import machine_info, peak_memory, time_interleaved, transformers_version
+from .timing import machine_info, peak_memory, square_matmul, time_interleaved, transformers_version
 
 IMPLEMENTATIONS = ("timm", "native", "native_opt", "transformers")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("eager", "compile")
+MATMUL_SIZE = 1024  # side of the square matmul timed beside every stage: the machine's GFLOP/s in that dtype
 
 
 @dataclass(frozen=True)
@@ -315,6 +318,7 @@ def _run_one(
     if bad:
         raise ValueError(f"stages {bad} out of range; {spec.key} has stages 0..{len(weights.stage_names) - 1}")
     family = get_family(spec.family)
+    matmul, matmul_flops = square_matmul(MATMUL_SIZE, dtype, settings.device)
     stages = []
     for index in indices:
         name, timm_index = weights.stage_names[index], family.timm_stage(index)
@@ -322,8 +326,10 @@ def _run_one(
         runners = {n: (torch.compile(m) if mode == "compile" else m) for n, m in models.items()}
         with torch.inference_mode():
             outputs = {n: runners[n](pixels).feature_maps[0] for n in runners}
+            flops = _timm_flops(models.get("timm"), pixels)
             calls = {n: (lambda r=r: r(pixels)) for n, r in runners.items()}
-            times = time_interleaved(calls, settings.repeats, warmup, settings.device)
+            times = time_interleaved({**calls, "matmul": matmul}, settings.repeats, warmup, settings.device)
+            matmul_gflops = matmul_flops / statistics.median(times.pop("matmul")) / 1e9
             memory = {n: peak_memory(c, settings.device) for n, c in calls.items()} if settings.memory else {}
         reference = None
         if "timm" in outputs:
@@ -344,6 +350,8 @@ def _run_one(
             "latency_ms_all": {n: [round(v * 1e3, 3) for v in t] for n, t in times.items()},
             "throughput": {n: round(batch / t, 2) for n, t in medians.items()},
             "peak_mib": {n: round(b / 2**20, 2) for n, b in memory.items()},
+            "gflops": {n: round(flops / t / 1e9, 2) for n, t in medians.items()} if flops else None,
+            "matmul_gflops": round(matmul_gflops, 2),
         }
         stages.append(stage)
         del models, runners, calls, outputs
@@ -352,6 +360,18 @@ def _run_one(
         diff_text = f"  max|native-timm| {diff:.2e}" if diff is not None else ""
         say(f"{tag} {name}: {lat}{diff_text}  ({time.perf_counter() - started:.0f} s)")
     return {"stages": stages}
+
+
+def _timm_flops(model: torch.nn.Module | None, pixels: torch.Tensor) -> int | None:
+    """FLOPs of timm's forward up to the stage (torch's counter sees its plain linears and convolutions; the native
+    models' oneDNN kernels are invisible to it), or ``None`` where timm has no such stage."""
+    if model is None:
+        return None
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        model(pixels)
+    return counter.get_total_flops() or None
 
 
 # reporting -------------------------------------------------------------------------------------------------------
