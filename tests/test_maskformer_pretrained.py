@@ -91,6 +91,34 @@ def test_hub_id_of_a_classification_model_loads_its_backbone(tmp_path, monkeypat
             assert torch.equal(a, b), name
 
 
+def test_pretrained_backbone_comes_from_the_revision_and_cache_its_config_came_from(tmp_path, monkeypatch):
+    """backbone_kwargs' hub arguments reach the weights too: a config read at revision v2 from a cache folder given
+    by cache_dir gets v2's weights from that folder (not main's, not the default cache)."""
+    torch.manual_seed(0)
+    main = _transformers_resnet(tmp_path / "main")
+    torch.manual_seed(1)
+    v2 = _transformers_resnet(tmp_path / "v2")
+    assert not torch.equal(main["resnet.embedder.embedder.convolution.weight"],
+                           v2["resnet.embedder.embedder.convolution.weight"])  # fmt: skip
+    cache = tmp_path / "own-cache"
+    make_hub_cache(cache, "org/tiny-resnet", tmp_path / "main")
+    make_hub_cache(cache, "org/tiny-resnet", tmp_path / "v2", revision="v2")
+    use_hub_cache(monkeypatch, tmp_path / "default-cache")  # offline, and not where the repo is
+    for revision, weights in (("v2", v2), (None, main)):
+        hub = {"cache_dir": str(cache), **({"revision": revision} if revision else {})}
+        config = MaskFormerConfig(
+            backbone="org/tiny-resnet", use_pretrained_backbone=True, backbone_kwargs=hub, **HEADS
+        )
+        _assert_backbone_holds(MaskFormerForInstanceSegmentation(config), weights, lambda k: "resnet." + k)
+    # a backbone_config read from that revision carries it along too; config.json keeps none of it
+    backbone_config = ResNetConfig.from_pretrained("org/tiny-resnet", revision="v2", cache_dir=cache)
+    model = MaskFormerForInstanceSegmentation(
+        MaskFormerConfig(backbone_config=backbone_config, use_pretrained_backbone=True, **HEADS)
+    )
+    _assert_backbone_holds(model, v2, lambda k: "resnet." + k)
+    assert not {"revision", "cache_dir", "_source_kwargs"} & set(backbone_config.to_dict())
+
+
 def test_backbone_config_loads_from_its_source(tmp_path):
     weights = _transformers_resnet(tmp_path / "src")
     backbone_config = ResNetConfig.from_pretrained(tmp_path / "src", frozen_stages=0)

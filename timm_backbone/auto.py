@@ -289,7 +289,7 @@ class AutoConfig:
         with naming_config_file(source):
             config = AutoConfig.from_dict(source.config_dict(), **kwargs)
         if source.kind != "file":
-            config.name_or_path = source.name
+            config.set_source(source)
         return config
 
 
@@ -361,7 +361,7 @@ class AutoBackbone:
                 else:
                     config = AutoConfig.from_dict(config_dict, **kwargs)
                     kwargs = {}
-            config.name_or_path = source.name
+            config.set_source(source)
         if config.model_type in TASK_BACKBONE_PREFIXES and not _is_backbone_config(config):
             return AutoBackbone._from_task_checkpoint(source, config, kwargs, load_kwargs)
         if kwargs:

@@ -53,6 +53,15 @@ class PretrainedConfig:
         for key, value in kwargs.items():
             setattr(self, key, value)
 
+    def set_source(self, source: Source) -> None:
+        """Remember where this config was read: ``name_or_path``, and the hub revision (pinned to the commit found),
+        cache folder and subfolder, so that weights asked for later from the same name (MaskFormer's
+        ``use_pretrained_backbone``) come from the same snapshot. None of it is written to ``config.json``; a token
+        is not kept."""
+        self.name_or_path = source.name
+        kept = ("revision", "cache_dir", "subfolder")
+        self._source_kwargs = {k: v for k, v in source.hub_kwargs.items() if k in kept}
+
     @property
     def use_return_dict(self) -> bool:
         """Whether ``forward`` returns an output object (``return_dict``) rather than a tuple."""
@@ -161,7 +170,7 @@ class PretrainedConfig:
             if source.kind == "timm":
                 return cls.from_timm_dict(source.config_dict(), name=source.name, **overrides)
             config = cls.from_dict(source.config_dict(), **overrides)
-        config.name_or_path = source.name
+        config.set_source(source)
         return config
 
     @classmethod

@@ -172,7 +172,10 @@ class MaskFormerConfig(PretrainedConfig):
             backbone config came from (``backbone``'s timm name, folder or hub id; a ``backbone_config`` loaded with
             ``from_pretrained``; a ``TimmBackboneConfig``'s timm name), from the hub cache when offline. The config
             itself never downloads; saved models write ``false`` (their file holds the backbone's weights).
-        backbone_kwargs: Field overrides for the config that ``backbone`` names (``out_indices``...).
+        backbone_kwargs: Field overrides for the config that ``backbone`` names (``out_indices``...), and the hub
+            arguments it is read with (``revision``, ``cache_dir``, ``subfolder``, ``token``...); with
+            ``use_pretrained_backbone`` the weights come from the same revision, cache folder and subfolder (a
+            ``token`` is not kept: the weights are read with the one huggingface_hub finds, ``HF_TOKEN`` or the login).
         **kwargs: ``num_labels`` / ``id2label`` and any other field, kept as attributes.
     """
 

@@ -93,8 +93,9 @@ class MaskFormerPixelLevelModule(nn.Module):
         select_multiscale_stages(config.backbone_config)
         if config.use_pretrained_backbone:
             # the backbone's weights from its source (the hub cache when offline); the pixel decoder stays random
-            source = pretrained_backbone_source(config.backbone_config)
-            self.encoder = AutoBackbone.from_pretrained(source, config=config.backbone_config).train(self.training)
+            source, hub_kwargs = pretrained_backbone_source(config.backbone_config)
+            self.encoder = AutoBackbone.from_pretrained(source, config=config.backbone_config, **hub_kwargs)
+            self.encoder.train(self.training)
         else:
             self.encoder = AutoBackbone.from_config(config.backbone_config)
         strides = list(self.encoder.strides)
@@ -135,10 +136,13 @@ class MaskFormerPixelLevelModule(nn.Module):
         return features, pixel_embeddings, fpn_maps
 
 
-def pretrained_backbone_source(backbone_config: Any) -> str:
+def pretrained_backbone_source(backbone_config: Any) -> tuple[str, dict[str, Any]]:
     """Where ``use_pretrained_backbone=True`` reads the backbone's weights: the folder or hub id the backbone config
-    was loaded from (``MaskFormerConfig(backbone=...)``, ``XConfig.from_pretrained(...)``), else the timm name of a
-    :class:`TimmBackboneConfig`.
+    was loaded from (``MaskFormerConfig(backbone=...)``, ``XConfig.from_pretrained(...)``), at the same revision and
+    from the same cache folder, else the timm name of a :class:`TimmBackboneConfig`.
+
+    Returns:
+        The name, and the hub arguments it was read with (``revision``, ``cache_dir``, ``subfolder``).
 
     Raises:
         ValueError: the config says nothing about where its weights are.
@@ -150,7 +154,7 @@ def pretrained_backbone_source(backbone_config: Any) -> str:
             f"are; pass backbone='<timm name, folder or hub id>', or a backbone_config from "
             f"{type(backbone_config).__name__}.from_pretrained('<folder or hub id>')"
         )
-    return str(source)
+    return str(source), dict(getattr(backbone_config, "_source_kwargs", None) or {})
 
 
 def select_multiscale_stages(backbone_config: Any) -> None:
