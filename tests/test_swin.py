@@ -459,3 +459,17 @@ def test_optimize_for_inference_packs_linears_with_the_same_numbers(tmp_path):
     model.optimize_for_inference()
     model(x).feature_maps[-1].sum().backward()
     assert model.layers[2].blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_inference_without_autograd_matches_the_autograd_forward_bit_for_bit():
+    """Eval without autograd adds the attention branch's residual in place (into the branch's own temporary); every
+    hidden state and output equals the out-of-place forward's, bit for bit (nothing returned is written to)."""
+    model = SwinBackbone(SwinConfig(**TINY, out_indices=(1, 2, 3))).eval().requires_grad_(False)
+    _randomise(model)
+    x = torch.randn(2, 3, 45, 61)
+    with torch.enable_grad():  # the same kernels (nothing requires grad), the residual added out of place
+        recorded = model(x, output_hidden_states=True)
+    with torch.inference_mode():
+        plain = model(x, output_hidden_states=True)
+    for a, e in zip(plain.hidden_states + plain.feature_maps, recorded.hidden_states + recorded.feature_maps):
+        assert torch.equal(a, e)

@@ -492,7 +492,10 @@ class SwinBlock(nn.Module):
         y, weights = self.attn(windows, mask, need_weights)
 
         y = y.reshape(b, num_windows * window[0] * window[1], c).index_select(1, inverse).view(b, h, w, c)  # B, H, W, C
-        x = x + self.drop_path(self.drop(y))
+        if self.training or torch.is_grad_enabled() or y.dtype != x.dtype:
+            x = x + self.drop_path(self.drop(y))
+        else:  # eval without autograd: dropout and drop path are identities, and y is this call's own temporary
+            x = y.add_(x)
         x = x + self.drop_path(self.drop(self.mlp(self.norm2(x))))
         return x, weights
 
