@@ -4,6 +4,8 @@ weights), MLP, window partitioning and frozen BatchNorm."""
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,12 +93,20 @@ def _autocast_weights(layer: nn.Linear, dtype: torch.dtype) -> tuple[torch.Tenso
     """
     weight, bias = layer.weight, layer.bias
     key = (dtype, *tensor_version(weight), *(tensor_version(bias) if bias is not None else ()))
-    cached = _AUTOCAST_WEIGHTS.get(layer)
+    return _kept_beside(
+        _AUTOCAST_WEIGHTS, layer, key, lambda: (weight.to(dtype), bias.to(dtype) if bias is not None else None)
+    )
+
+
+def _kept_beside(store: weakref.WeakKeyDictionary, layer: nn.Module, key: tuple, make: Callable[[], Any]) -> Any:
+    """``make()``, kept in ``store`` beside ``layer`` and made again when ``key`` (what it derives from) changes. It is
+    made outside inference mode, so that it also serves later calls outside it, and without autograd."""
+    cached = store.get(layer)
     if cached is None or cached[0] != key:
-        with torch.inference_mode(False), torch.no_grad():  # usable later outside inference mode too
-            cached = (key, weight.to(dtype), bias.to(dtype) if bias is not None else None)
-        _AUTOCAST_WEIGHTS[layer] = cached
-    return cached[1], cached[2]
+        with torch.inference_mode(False), torch.no_grad():
+            cached = (key, make())
+        store[layer] = cached
+    return cached[1]
 
 
 # layer -> (key, packed weight) for layers with ``pack_weights`` set (see :func:`pack_linears`); beside the layers,
@@ -123,12 +133,9 @@ def pack_linears(module: nn.Module, enabled: bool = True) -> None:
 def _packed_weight(layer: nn.Linear, weight: torch.Tensor, rows: int) -> torch.Tensor:
     """``weight`` (``layer``'s, or its autocast copy) packed for oneDNN's linear, kept until the parameter changes."""
     key = (weight.dtype, *tensor_version(layer.weight))
-    cached = _PACKED_WEIGHTS.get(layer)
-    if cached is None or cached[0] != key:
-        with torch.inference_mode(False), torch.no_grad():
-            cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight, max(rows, 1)))
-        _PACKED_WEIGHTS[layer] = cached
-    return cached[1]
+    return _kept_beside(
+        _PACKED_WEIGHTS, layer, key, lambda: torch.ops.mkldnn._reorder_linear_weight(weight, max(rows, 1))
+    )
 
 
 def is_tracing() -> bool:
