@@ -21,7 +21,7 @@ import resource
 import statistics
 import sys
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_resnet
 import bench_swin
 
-from timm_backbone.benchmark import Precision, machine_info
+from timm_backbone.benchmark import Precision, machine_info, time_interleaved
 
 
 def minor_faults() -> int:
@@ -53,26 +53,25 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         models = contenders(args.model, folder)
     x = torch.randn(args.batch, 3, 224, 224)
-    names = list(models)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    faults: dict[str, list[int]] = {name: [] for name in names}
+    faults: dict[str, list[int]] = {name: [] for name in models}
+
+    def counted(name: str) -> Callable[[], None]:
+        def call() -> None:
+            before = minor_faults()
+            models[name](x)
+            faults[name].append(minor_faults() - before)
+
+        return call
+
     with torch.inference_mode():
-        for _ in range(args.warmup):
-            for name in names:
-                models[name](x)
-        for r in range(args.repeats):
-            shift = r % len(names)
-            for name in names[shift:] + names[:shift]:
-                before, start = minor_faults(), time.perf_counter()
-                models[name](x)
-                times[name].append(time.perf_counter() - start)
-                faults[name].append(minor_faults() - before)
+        times = time_interleaved({name: counted(name) for name in models}, args.repeats, args.warmup)
+    faults = {name: counts[args.warmup :] for name, counts in faults.items()}  # the timed calls only
     return {
         "setup": {"model": args.model, "batch": args.batch, "size": 224, "repeats": args.repeats, "precision": "fp32"},
         "machine": machine_info("cpu"),
         "contenders": {
             name: {"median_ms": 1e3 * statistics.median(times[name]), "minor_faults": statistics.median(faults[name])}
-            for name in names
+            for name in models
         },
     }
 
