@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...layers import Mlp
+from ...winograd import Conv3x3
 from .configuration import MaskFormerConfig
 
 
@@ -18,7 +19,7 @@ from .configuration import MaskFormerConfig
 def conv_gn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
     """3x3 conv (no bias) -> GroupNorm(32) -> ReLU; keys ``0`` / ``1`` as transformers' ``MaskFormerFPNConvLayer``."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+        Conv3x3(in_channels, out_channels, bias=False),
         nn.GroupNorm(32, out_channels),
         nn.ReLU(inplace=True),
     )
@@ -64,7 +65,7 @@ class MaskFormerPixelDecoder(nn.Module):
     def __init__(self, channels: list[int], feature_size: int, mask_feature_size: int) -> None:
         super().__init__()
         self.fpn = FPN(channels, feature_size)
-        self.mask_projection = nn.Conv2d(feature_size, mask_feature_size, kernel_size=3, padding=1)
+        self.mask_projection = Conv3x3(feature_size, mask_feature_size)
 
     def forward(self, features: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         maps = self.fpn(features)
