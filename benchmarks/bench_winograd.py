@@ -92,7 +92,7 @@ def main() -> None:
         )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"precision": "fp32", "repeats": args.repeats, "machine": machine_info(), "results": results}
+        payload = {"precision": "fp32", "repeats": args.repeats, "machine": machine_info("cpu"), "results": results}
         args.json.write_text(json.dumps(payload, indent=1) + "\n")
 
 
