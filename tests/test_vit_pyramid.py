@@ -11,6 +11,7 @@ from timm_backbone import (
     MaskFormerForInstanceSegmentation,
     TimmBackbone,
     TimmBackboneConfig,
+    winograd,
 )
 from timm_backbone.necks import SimpleFeaturePyramid
 
@@ -57,11 +58,15 @@ def test_levels_are_the_pyramid_over_timms_taps():
     assert model.output_shape()["blocks.1"] == {"channels": 64, "stride": 4}
 
 
-def test_levels_follow_vitdet():
+@pytest.mark.parametrize("width", [24, 256])  # at 256 the finest level's 3x3 conv runs as Winograd F(2x2, 3x3)
+def test_levels_follow_vitdet(width, monkeypatch):
     """Level k: rescale tap k (4x: deconv, LN, GELU, deconv; 2x: deconv; 1x: identity; 0.5x: max pool), then
     1x1 conv + LN and 3x3 conv + LN, as detectron2's SimpleFeaturePyramid."""
+    calls = []
+    original = winograd.winograd_conv3x3
+    monkeypatch.setattr(winograd, "winograd_conv3x3", lambda x, conv: calls.append(x.shape) or original(x, conv))
     torch.manual_seed(0)
-    neck = SimpleFeaturePyramid([64] * 4, [16] * 4, out_channels=24).eval()
+    neck = SimpleFeaturePyramid([64] * 4, [16] * 4, out_channels=width).eval()
     tap = torch.randn(1, 64, 4, 6)
 
     def channel_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -85,6 +90,8 @@ def test_levels_follow_vitdet():
             torch.testing.assert_close(got, project(level, x))
     assert [tuple(f.shape[-2:]) for f in out] == [(16, 24), (8, 12), (4, 6), (2, 3)]
     assert up4[0].out_channels == 32 and up4[3].out_channels == 16 and up2.out_channels == 32
+    assert calls == ([(1, 256, 16, 24)] if width == 256 else [])
+    assert all(level.is_contiguous() for level in out)  # NCHW-contiguous whichever convolution ran
 
 
 @pytest.mark.parametrize("features_only", [True, False])

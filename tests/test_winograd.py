@@ -125,3 +125,35 @@ def test_same_keys_as_conv2d_and_copies_work():
         expected = conv(x)
         copy = pickle.loads(pickle.dumps(conv))
         torch.testing.assert_close(copy(x), expected, rtol=0, atol=0)
+
+
+def test_the_benchmark_runs():
+    """``benchmarks/bench_winograd.py`` at a small size: its error columns are the measured errors."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_winograd.py"
+    spec = importlib.util.spec_from_file_location("bench_winograd", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    layer = bench.run_shape((1, 256, 256, 12, 12), repeats=1)
+    assert set(layer["median_ms"]) == {"direct", "winograd", "winograd_channels_last"}
+    assert 0 < layer["max_rel_error_vs_float64"]["winograd"] < 1e-5
+    pyramid = bench.run_pyramid("test_vit", 64, 1, repeats=1)
+    assert pyramid["max_abs_diff_of_levels"] == 0  # test_vit is 64 wide: no level takes Winograd
+    assert pyramid["model_speedup"] > 0 and pyramid["neck_speedup"] > 0
+
+
+def test_export_and_compile_see_the_convolution():
+    """torch.export and torch.compile trace nn.Conv2d's forward (a portable convolution), not the Winograd loop."""
+    torch.manual_seed(0)
+    conv = Conv3x3(256, 256).eval()
+    x = torch.randn(1, 256, 16, 16)
+    program = torch.export.export(conv, (x,))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert any("conv2d" in t or "convolution" in t for t in targets), targets
+    assert not any("linear_pointwise" in t or "mm" in t.split(".")[-2:] for t in targets), targets
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), direct(x, conv), rtol=0, atol=0)
+        compiled = torch.compile(conv, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), direct(x, conv), rtol=0, atol=0)

@@ -8,6 +8,8 @@ import torch
 from timm.layers import LayerNorm2d
 from torch import nn
 
+from .winograd import Conv3x3
+
 __all__ = ["FEATURE_PYRAMIDS", "SimpleFeaturePyramid"]
 
 FEATURE_PYRAMIDS = ("simple",)
@@ -82,7 +84,7 @@ class SimpleFeaturePyramid(nn.Module):
                     rescale,
                     nn.Conv2d(width, out_channels, kernel_size=1, bias=False),
                     LayerNorm2d(out_channels),
-                    nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False),
+                    Conv3x3(out_channels, out_channels, bias=False),
                     LayerNorm2d(out_channels),
                 )
             )
@@ -90,8 +92,9 @@ class SimpleFeaturePyramid(nn.Module):
         self.strides = [_as_stride(stride / scale) for stride, scale in zip(in_strides, scale_factors)]
 
     def forward(self, feature_maps: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """One NCHW map per level, fine to coarse, from one NCHW map per tap."""
-        return tuple(level(x) for level, x in zip(self.levels, feature_maps))
+        """One NCHW map per level, fine to coarse, from one NCHW map per tap (NCHW-contiguous: the levels whose 3x3
+        convolution ran as Winograd come out of it channels-last)."""
+        return tuple(level(x).contiguous() for level, x in zip(self.levels, feature_maps))
 
 
 def _as_stride(value: float) -> int | float:
