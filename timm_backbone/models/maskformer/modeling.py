@@ -400,7 +400,7 @@ class MaskFormerModel(_MaskFormerWeights, PreTrainedModel):
             attentions=attentions,
         )
         if output_hidden_states:
-            fpn_maps = tuple(m.contiguous() for m in fpn_maps)  # NCHW-contiguous, as transformers returns them
+            fpn_maps = tuple(fpn_maps)
             output.encoder_hidden_states = features
             output.pixel_decoder_hidden_states = fpn_maps
             output.transformer_decoder_hidden_states = decoder_states
