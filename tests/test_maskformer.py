@@ -111,11 +111,12 @@ def test_winograd_pixel_decoder_keeps_parity(tmp_path, monkeypatch):
     hf = _hf_model("timm", fpn_feature_size=256, mask_feature_size=256)
     hf.save_pretrained(tmp_path)
     ours = MaskFormerForInstanceSegmentation.from_pretrained(tmp_path).eval()
-    x = torch.randn(2, 3, SIZE, SIZE)
+    size = 2 * SIZE  # the finest map 32 x 32: big enough for Winograd at 256 channels, the next one (16 x 16) not
+    x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         expected = hf(x, output_hidden_states=True)
         actual = ours(x, output_hidden_states=True)
-        assert calls == [(2, 256, SIZE // 4, SIZE // 4)] * 2  # the FPN's last block and the mask projection
+        assert calls == [(2, 256, size // 4, size // 4)] * 2  # the FPN's last block and the mask projection
         for name in ("masks_queries_logits", "class_queries_logits", "pixel_decoder_last_hidden_state"):
             close(actual[name], expected[name], 1e-5)
         close(actual.pixel_decoder_hidden_states, expected.pixel_decoder_hidden_states, 1e-5)

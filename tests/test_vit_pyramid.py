@@ -67,7 +67,8 @@ def test_levels_follow_vitdet(width, monkeypatch):
     monkeypatch.setattr(winograd, "winograd_conv3x3", lambda x, conv: calls.append(x.shape) or original(x, conv))
     torch.manual_seed(0)
     neck = SimpleFeaturePyramid([64] * 4, [16] * 4, out_channels=width).eval()
-    tap = torch.randn(1, 64, 4, 6)
+    scale = 2 if width == 256 else 1  # at 256 wide, a finest level of 32 x 48 is big enough for Winograd
+    tap = torch.randn(1, 64, 4 * scale, 6 * scale)
 
     def channel_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         x = x.permute(0, 2, 3, 1)  # B, H, W, C
@@ -88,9 +89,10 @@ def test_levels_follow_vitdet(width, monkeypatch):
         out = neck([tap] * 4)
         for level, x, got in zip(neck.levels, rescaled, out):
             torch.testing.assert_close(got, project(level, x))
-    assert [tuple(f.shape[-2:]) for f in out] == [(16, 24), (8, 12), (4, 6), (2, 3)]
+    expected_sizes = [(16, 24), (8, 12), (4, 6), (2, 3)]
+    assert [tuple(f.shape[-2:]) for f in out] == [(h * scale, w * scale) for h, w in expected_sizes]
     assert up4[0].out_channels == 32 and up4[3].out_channels == 16 and up2.out_channels == 32
-    assert calls == ([(1, 256, 16, 24)] if width == 256 else [])
+    assert calls == ([(1, 256, 32, 48)] if width == 256 else [])
     assert all(level.is_contiguous() for level in out)  # NCHW-contiguous whichever convolution ran
 
 

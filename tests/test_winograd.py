@@ -26,8 +26,8 @@ def float64_error(y: torch.Tensor, x: torch.Tensor, conv: nn.Conv2d) -> float:
 @pytest.mark.parametrize(
     ("n", "c_in", "c_out", "height", "width", "bias"),
     [
-        (2, 256, 256, 16, 16, False),  # even map
-        (1, 256, 320, 13, 27, True),  # odd map: the last tile row and column are half outside
+        (2, 256, 256, 24, 24, False),  # even map
+        (1, 256, 320, 31, 29, True),  # odd map: the last tile row and column are half outside
         (3, 512, 256, 12, 15, True),
         (1, 256, 256, 1, 1, True),  # one pixel: all of the tile but its centre is padding
     ],
@@ -77,11 +77,11 @@ def test_the_module_takes_winograd_only_where_it_applies(monkeypatch):
     monkeypatch.setattr(winograd, "winograd_conv3x3", lambda x, conv: calls.append(x.shape) or original(x, conv))
     torch.manual_seed(0)
     wide, narrow = Conv3x3(256, 256), Conv3x3(128, 256)
-    big, small = torch.randn(1, 256, 16, 16), torch.randn(1, 256, 8, 8)
+    big, small = torch.randn(1, 256, 32, 32), torch.randn(1, 256, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(wide(big), direct(big, wide), rtol=1e-5, atol=1e-5)
         assert len(calls) == 1
-        for conv, x in [(wide, small), (narrow, torch.randn(1, 128, 16, 16))]:
+        for conv, x in [(wide, small), (narrow, torch.randn(1, 128, 32, 32))]:
             torch.testing.assert_close(conv(x), direct(x, conv), rtol=0, atol=0)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             wide(big)
@@ -108,7 +108,7 @@ def test_gradients_are_the_convolutions():
 def test_a_changed_weight_is_transformed_again():
     torch.manual_seed(0)
     conv = Conv3x3(256, 256, bias=False)
-    x = torch.randn(1, 256, 16, 16)
+    x = torch.randn(1, 256, 32, 32)
     with torch.no_grad():
         before = conv(x)
         conv.weight.mul_(-2)
@@ -120,7 +120,7 @@ def test_a_changed_weight_is_transformed_again():
 def test_same_keys_as_conv2d_and_copies_work():
     conv = Conv3x3(256, 256)
     assert conv.state_dict().keys() == nn.Conv2d(256, 256, 3, padding=1).state_dict().keys()
-    x = torch.randn(1, 256, 16, 16)
+    x = torch.randn(1, 256, 32, 32)
     with torch.inference_mode():
         expected = conv(x)
         copy = pickle.loads(pickle.dumps(conv))
@@ -148,7 +148,7 @@ def test_export_and_compile_see_the_convolution():
     """torch.export and torch.compile trace nn.Conv2d's forward (a portable convolution), not the Winograd loop."""
     torch.manual_seed(0)
     conv = Conv3x3(256, 256).eval()
-    x = torch.randn(1, 256, 16, 16)
+    x = torch.randn(1, 256, 32, 32)
     program = torch.export.export(conv, (x,))
     targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
     assert any("conv2d" in t or "convolution" in t for t in targets), targets

@@ -37,8 +37,8 @@ def winograd_applies(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     """Whether :func:`winograd_conv3x3` serves ``conv(x)``: a 3x3, stride-1, padding-1 dense convolution with zero
     padding, fp32 on the CPU without autograd, autocast or tracing, and big enough that the products rather than the
     transforms and the per-call work dominate: both channel counts at least 256, the map at least 12 on each side and
-    ``N * H * W * C_in * C_out`` at least 2**24 (about 0.3 GFLOP). Narrower or smaller layers measured slower than
-    oneDNN's direct convolution (``benchmarks/bench_winograd.py``)."""
+    ``N * H * W * C_in * C_out`` at least 2**26 (about 1.2 GFLOP). Narrower or smaller layers measured slower than
+    oneDNN's direct convolution, or no faster from one run to the next (``benchmarks/bench_winograd.py``)."""
     if not (
         conv.kernel_size == (3, 3)
         and conv.stride == (1, 1)
@@ -57,7 +57,7 @@ def winograd_applies(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     if torch.is_autocast_enabled("cpu") or is_tracing():
         return False
     n, _, height, width = x.shape
-    return min(height, width) >= 12 and n * height * width * conv.in_channels * conv.out_channels >= 2**24
+    return min(height, width) >= 12 and n * height * width * conv.in_channels * conv.out_channels >= 2**26
 
 
 def _transformed_kernels(conv: nn.Conv2d, rows: int) -> list[torch.Tensor]:
