@@ -100,9 +100,9 @@ def _output_transform(m: Sequence[torch.Tensor], out0: torch.Tensor, out1: torch
 
 def winograd_conv3x3(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """``conv(x)`` by Winograd F(2x2, 3x3), for a ``conv`` where :func:`winograd_applies`; the result is in
-    channels-last memory. Same numbers as the direct convolution to float rounding: the error against a float64
-    reference is 2-3x the direct convolution's, about 1e-6 of the output's magnitude (``benchmarks/bench_winograd.py``
-    prints both)."""
+    channels-last memory (for an odd height or width, a view cropping the last tile's extra row or column). Same
+    numbers as the direct convolution to float rounding: the error against a float64 reference is 2-3x the direct
+    convolution's, about 1e-6 of the output's magnitude (``benchmarks/bench_winograd.py`` prints both)."""
     n, c_in, height, width = x.shape
     c_out = conv.out_channels
     tile_rows, tile_cols = (height + 1) // 2, (width + 1) // 2

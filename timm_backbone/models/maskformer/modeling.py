@@ -400,11 +400,10 @@ class MaskFormerModel(_MaskFormerWeights, PreTrainedModel):
             attentions=attentions,
         )
         if output_hidden_states:
-            fpn_maps = tuple(fpn_maps)
             output.encoder_hidden_states = features
-            output.pixel_decoder_hidden_states = fpn_maps
+            output.pixel_decoder_hidden_states = tuple(fpn_maps)
             output.transformer_decoder_hidden_states = decoder_states
-            output.hidden_states = features + fpn_maps + decoder_states
+            output.hidden_states = features + tuple(fpn_maps) + decoder_states
         return output if return_dict is not False else output.to_tuple()
 
 
