@@ -123,8 +123,12 @@ def test_winograd_pixel_decoder_keeps_parity(tmp_path, monkeypatch):
         # the maps Winograd made are NCHW-shaped in channels-last memory (documented)
         assert actual.pixel_decoder_last_hidden_state.is_contiguous(memory_format=torch.channels_last)
         fast = ours.optimize_for_inference()(x)
-    assert len(calls) == 3  # the FPN's last block; the mask projection is folded into the query embeddings
-    close(fast.masks_queries_logits, expected.masks_queries_logits, 1e-5)
+        assert len(calls) == 3  # the FPN's last block; the mask projection is folded into the query embeddings
+        close(fast.masks_queries_logits, expected.masks_queries_logits, 1e-5)
+        plain = ours.optimize_for_inference(False)(x)
+    assert len(calls) == 3  # off: the direct convolution everywhere
+    close(plain.masks_queries_logits, expected.masks_queries_logits, 1e-5)
+    assert plain.pixel_decoder_last_hidden_state.is_contiguous()
 
 
 def test_loss_parity_with_transformers(saved):

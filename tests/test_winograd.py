@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from timm_backbone import winograd
-from timm_backbone.winograd import Conv3x3, winograd_applies, winograd_conv3x3
+from timm_backbone.winograd import Conv3x3, use_winograd, winograd_applies, winograd_conv3x3
 
 
 def direct(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -157,3 +157,25 @@ def test_export_and_compile_see_the_convolution():
         torch.testing.assert_close(program.module()(x), direct(x, conv), rtol=0, atol=0)
         compiled = torch.compile(conv, backend="eager", fullgraph=True)
         torch.testing.assert_close(compiled(x), direct(x, conv), rtol=0, atol=0)
+
+
+def test_use_winograd_switches_layers_off_and_on(monkeypatch):
+    calls = []
+    original = winograd.winograd_conv3x3
+    monkeypatch.setattr(winograd, "winograd_conv3x3", lambda x, conv: calls.append(x.shape) or original(x, conv))
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv3x3(256, 256), nn.ReLU(), Conv3x3(256, 256))
+    x = torch.randn(1, 256, 32, 32)
+    with torch.inference_mode():
+        model(x)
+        assert len(calls) == 2 and model[0] in winograd._TRANSFORMED_KERNELS
+        use_winograd(model, False)
+        assert model[0] not in winograd._TRANSFORMED_KERNELS  # the kept kernels are dropped
+        expected = direct(torch.relu(direct(x, model[0])), model[2])
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)  # nn.Conv2d's numbers, bit for bit
+        copy = pickle.loads(pickle.dumps(model))
+        torch.testing.assert_close(copy(x), expected, rtol=0, atol=0)
+        assert len(calls) == 2
+        use_winograd(copy)
+        copy(x)
+    assert len(calls) == 4

@@ -147,12 +147,26 @@ def winograd_conv3x3(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
 class Conv3x3(nn.Conv2d):
     """``nn.Conv2d(in, out, 3, padding=1)`` (same parameters and keys) whose CPU fp32 inference forward on wide
-    layers runs as Winograd F(2x2, 3x3) (:func:`winograd_conv3x3`); everything else is ``nn.Conv2d``'s forward."""
+    layers runs as Winograd F(2x2, 3x3) (:func:`winograd_conv3x3`) unless :func:`use_winograd` turned that off;
+    everything else is ``nn.Conv2d``'s forward."""
+
+    winograd = True  # per layer, see use_winograd
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
         super().__init__(in_channels, out_channels, kernel_size=3, padding=1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if winograd_applies(x, self):
+        if self.winograd and winograd_applies(x, self):
             return winograd_conv3x3(x, self)
         return super().forward(x)
+
+
+def use_winograd(module: nn.Module, enabled: bool = True) -> None:
+    """Let the :class:`Conv3x3` layers of ``module`` run as Winograd where it applies (the default), or, with
+    ``enabled=False``, always as torch's direct convolution (the numbers of ``nn.Conv2d``, bit for bit) and without
+    their kept kernels. The setting is an attribute of each layer, so copies and pickles keep it."""
+    for layer in module.modules():
+        if isinstance(layer, Conv3x3):
+            layer.winograd = enabled
+            if not enabled:
+                _TRANSFORMED_KERNELS.pop(layer, None)

@@ -20,6 +20,7 @@ from torch import nn
 from ...auto import family_of
 from ...backbone import ModelOutput
 from ...modeling import LoadReport, PreTrainedModel, match_prefix
+from ...winograd import use_winograd
 from .configuration import MaskFormerConfig, resolve_backbone_config
 from .decoders import MaskFormerPixelDecoder, MaskFormerTransformerModule, fused_mask_logits
 from .loss import MaskFormerHungarianMatcher, MaskFormerLoss, check_labels
@@ -446,12 +447,14 @@ class MaskFormerForInstanceSegmentation(_MaskFormerWeights, PreTrainedModel):
 
     def optimize_for_inference(self, enabled: bool = True) -> MaskFormerForInstanceSegmentation:
         """Switch the eval-mode forward without autograd to a faster path with the same logits (to float rounding):
-        the mask projection folded into the query embeddings (:func:`fused_mask_logits`), and the backbone's own
+        the mask projection folded into the query embeddings (:func:`fused_mask_logits`), the backbone's own
         inference path when it has one (ResNet: BatchNorm folded into fused oneDNN convolutions; Swin: linear weights
-        pre-packed for oneDNN; MaskFormer turns that one on when it is built).
+        pre-packed for oneDNN) and the pixel decoder's wide 3x3 convolutions as Winograd F(2x2, 3x3)
+        (:mod:`timm_backbone.winograd`); MaskFormer turns the last two on when it is built.
 
         The parameters are not changed; training and gradients use the plain path, and
-        ``optimize_for_inference(False)`` turns it off. On the fast path ``pixel_decoder_last_hidden_state`` is not
+        ``optimize_for_inference(False)`` turns all three off (the pixel decoder's convolutions are then
+        ``nn.Conv2d``'s, bit for bit). On the fast path ``pixel_decoder_last_hidden_state`` is not
         computed (``None``), and hidden states or auxiliary logits, when asked for, take the plain path.
 
         Returns:
@@ -460,6 +463,7 @@ class MaskFormerForInstanceSegmentation(_MaskFormerWeights, PreTrainedModel):
         self._fast_path = enabled
         if hasattr(self.backbone, "optimize_for_inference"):
             self.backbone.optimize_for_inference(enabled)
+        use_winograd(self.model.pixel_level_module.decoder, enabled)
         return self.eval() if enabled else self
 
     def _fast_forward(self, pixel_values: torch.Tensor, output_attentions: bool | None) -> tuple:
