@@ -27,3 +27,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def winograd_calls(monkeypatch):
+    """The input shapes of every Winograd convolution the test runs (the convolutions still run)."""
+    from timm_backbone import winograd
+
+    calls = []
+    original = winograd.winograd_conv3x3
+    monkeypatch.setattr(winograd, "winograd_conv3x3", lambda x, conv: calls.append(x.shape) or original(x, conv))
+    return calls

@@ -100,14 +100,9 @@ def test_forward_parity_with_transformers(saved):
             close(a, e)
 
 
-def test_winograd_pixel_decoder_keeps_parity(tmp_path, monkeypatch):
+def test_winograd_pixel_decoder_keeps_parity(tmp_path, winograd_calls):
     """At transformers' default widths (256) the pixel decoder's 3x3 convolutions on the finest map run as Winograd
     F(2x2, 3x3) in inference; the outputs stay at transformers' numbers, with and without optimize_for_inference."""
-    from timm_backbone import winograd
-
-    calls = []
-    original = winograd.winograd_conv3x3
-    monkeypatch.setattr(winograd, "winograd_conv3x3", lambda x, conv: calls.append(x.shape) or original(x, conv))
     hf = _hf_model("timm", fpn_feature_size=256, mask_feature_size=256)
     hf.save_pretrained(tmp_path)
     ours = MaskFormerForInstanceSegmentation.from_pretrained(tmp_path).eval()
@@ -116,17 +111,17 @@ def test_winograd_pixel_decoder_keeps_parity(tmp_path, monkeypatch):
     with torch.no_grad():
         expected = hf(x, output_hidden_states=True)
         actual = ours(x, output_hidden_states=True)
-        assert calls == [(2, 256, size // 4, size // 4)] * 2  # the FPN's last block and the mask projection
+        assert winograd_calls == [(2, 256, size // 4, size // 4)] * 2  # the FPN's last block and the mask projection
         for name in ("masks_queries_logits", "class_queries_logits", "pixel_decoder_last_hidden_state"):
             close(actual[name], expected[name], 1e-5)
         close(actual.pixel_decoder_hidden_states, expected.pixel_decoder_hidden_states, 1e-5)
         # the maps Winograd made are NCHW-shaped in channels-last memory (documented)
         assert actual.pixel_decoder_last_hidden_state.is_contiguous(memory_format=torch.channels_last)
         fast = ours.optimize_for_inference()(x)
-        assert len(calls) == 3  # the FPN's last block; the mask projection is folded into the query embeddings
+        assert len(winograd_calls) == 3  # the FPN's last block; the mask projection is folded into the query embeddings
         close(fast.masks_queries_logits, expected.masks_queries_logits, 1e-5)
         plain = ours.optimize_for_inference(False)(x)
-    assert len(calls) == 3  # off: the direct convolution everywhere
+    assert len(winograd_calls) == 3  # off: the direct convolution everywhere
     close(plain.masks_queries_logits, expected.masks_queries_logits, 1e-5)
     assert plain.pixel_decoder_last_hidden_state.is_contiguous()
 

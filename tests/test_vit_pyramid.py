@@ -11,7 +11,6 @@ from timm_backbone import (
     MaskFormerForInstanceSegmentation,
     TimmBackbone,
     TimmBackboneConfig,
-    winograd,
 )
 from timm_backbone.necks import SimpleFeaturePyramid
 
@@ -59,12 +58,9 @@ def test_levels_are_the_pyramid_over_timms_taps():
 
 
 @pytest.mark.parametrize("width", [24, 256])  # at 256 the finest level's 3x3 conv runs as Winograd F(2x2, 3x3)
-def test_levels_follow_vitdet(width, monkeypatch):
+def test_levels_follow_vitdet(width, winograd_calls):
     """Level k: rescale tap k (4x: deconv, LN, GELU, deconv; 2x: deconv; 1x: identity; 0.5x: max pool), then
     1x1 conv + LN and 3x3 conv + LN, as detectron2's SimpleFeaturePyramid."""
-    calls = []
-    original = winograd.winograd_conv3x3
-    monkeypatch.setattr(winograd, "winograd_conv3x3", lambda x, conv: calls.append(x.shape) or original(x, conv))
     torch.manual_seed(0)
     neck = SimpleFeaturePyramid([64] * 4, [16] * 4, out_channels=width).eval()
     scale = 2 if width == 256 else 1  # at 256 wide, a finest level of 32 x 48 is big enough for Winograd
@@ -92,7 +88,7 @@ def test_levels_follow_vitdet(width, monkeypatch):
     expected_sizes = [(16, 24), (8, 12), (4, 6), (2, 3)]
     assert [tuple(f.shape[-2:]) for f in out] == [(h * scale, w * scale) for h, w in expected_sizes]
     assert up4[0].out_channels == 32 and up4[3].out_channels == 16 and up2.out_channels == 32
-    assert calls == ([(1, 256, 32, 48)] if width == 256 else [])
+    assert winograd_calls == ([(1, 256, 32, 48)] if width == 256 else [])
     assert all(level.is_contiguous() for level in out)  # NCHW-contiguous whichever convolution ran
 
 

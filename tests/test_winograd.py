@@ -71,23 +71,20 @@ def test_any_input_layout():
     torch.testing.assert_close(strided, expected, rtol=0, atol=0)
 
 
-def test_the_module_takes_winograd_only_where_it_applies(monkeypatch):
-    calls = []
-    original = winograd.winograd_conv3x3
-    monkeypatch.setattr(winograd, "winograd_conv3x3", lambda x, conv: calls.append(x.shape) or original(x, conv))
+def test_the_module_takes_winograd_only_where_it_applies(winograd_calls):
     torch.manual_seed(0)
     wide, narrow = Conv3x3(256, 256), Conv3x3(128, 256)
     big, small = torch.randn(1, 256, 32, 32), torch.randn(1, 256, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(wide(big), direct(big, wide), rtol=1e-5, atol=1e-5)
-        assert len(calls) == 1
+        assert len(winograd_calls) == 1
         for conv, x in [(wide, small), (narrow, torch.randn(1, 128, 32, 32))]:
             torch.testing.assert_close(conv(x), direct(x, conv), rtol=0, atol=0)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             wide(big)
         wide.to(torch.bfloat16)(big.bfloat16())
         wide.float()
-    assert len(calls) == 1
+    assert len(winograd_calls) == 1
     assert not winograd_applies(big.requires_grad_(), wide)  # autograd takes the direct convolution
 
 
@@ -159,23 +156,20 @@ def test_export_and_compile_see_the_convolution():
         torch.testing.assert_close(compiled(x), direct(x, conv), rtol=0, atol=0)
 
 
-def test_use_winograd_switches_layers_off_and_on(monkeypatch):
-    calls = []
-    original = winograd.winograd_conv3x3
-    monkeypatch.setattr(winograd, "winograd_conv3x3", lambda x, conv: calls.append(x.shape) or original(x, conv))
+def test_use_winograd_switches_layers_off_and_on(winograd_calls):
     torch.manual_seed(0)
     model = nn.Sequential(Conv3x3(256, 256), nn.ReLU(), Conv3x3(256, 256))
     x = torch.randn(1, 256, 32, 32)
     with torch.inference_mode():
         model(x)
-        assert len(calls) == 2 and model[0] in winograd._TRANSFORMED_KERNELS
+        assert len(winograd_calls) == 2 and model[0] in winograd._TRANSFORMED_KERNELS
         use_winograd(model, False)
         assert model[0] not in winograd._TRANSFORMED_KERNELS  # the kept kernels are dropped
         expected = direct(torch.relu(direct(x, model[0])), model[2])
         torch.testing.assert_close(model(x), expected, rtol=0, atol=0)  # nn.Conv2d's numbers, bit for bit
         copy = pickle.loads(pickle.dumps(model))
         torch.testing.assert_close(copy(x), expected, rtol=0, atol=0)
-        assert len(calls) == 2
+        assert len(winograd_calls) == 2
         use_winograd(copy)
         copy(x)
-    assert len(calls) == 4
+    assert len(winograd_calls) == 4
